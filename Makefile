@@ -1,0 +1,44 @@
+# distill: `make demo` runs the whole pipeline on the embedded toy world; `make test` runs the suite.
+# Both set up .venv first (idempotent: a stamp file skips the install when nothing changed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Machines without a GPU get the CPU build of torch before anything else asks for `torch`
+# (an unpinned requirement would pull the newest CUDA build: gigabytes). Where a CPU build is
+# not in pip's find-links, point TORCH_INDEX at PyTorch's CPU wheel index.
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.distill-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "GPU found: installing the default (CUDA) build of torch"; $(PY) -m pip install -q torch; \
+	elif [ -n "$(TORCH_INDEX)" ]; then \
+	  $(PY) -m pip install -q torch --index-url "$(TORCH_INDEX)"; \
+	else \
+	  echo "no GPU: installing CPU torch==$(TORCH_CPU_VERSION)"; $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
+	fi
+	@$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/distill demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,133 @@
+"""The `distill` command line: a thin layer over importable stages.
+
+Each command loads its recipe, applies flags and key=value overrides, and calls the stage's
+`run(cfg)`; the stage modules are imported inside the command so `distill --help` stays fast
+and needs neither torch nor any GPU library. Errors the user can fix (DistillError) print one
+line and exit non-zero; anything else keeps its traceback because it is a bug.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from distill.errors import DistillError
+
+app = typer.Typer(
+    name="distill",
+    help="Distil long chain-of-thought reasoning into small students, and compare them with an RL-only baseline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RECIPE = typer.Option(None, "--recipe", help="Recipe YAML; holds only what differs from the defaults.")
+OVERRIDES = typer.Argument(None, help="key=value overrides, type-checked like the recipe (e.g. temperature=0.7).", show_default=False)
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _not_built(command: str, issue: int) -> None:
+    raise DistillError(f"`distill {command}` is not built yet (tracked in issue #{issue}); nothing was run")
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def generate(ctx: typer.Context) -> None:
+    """Sample long chain-of-thought traces from a teacher for a set of problems.
+
+    Reads problems (JSONL/Parquet/CSV or a hub dataset); writes RUN_DIR/traces*.jsonl
+    (append-only, resumable), config.yaml, metrics.jsonl and metrics.json.
+    """
+    _not_built("generate", 3)
+
+
+@app.command(name="filter", context_settings=_PASS_THROUGH)
+def filter_(ctx: typer.Context) -> None:
+    """Keep the traces worth learning from: verified correct, well formed, not truncated, one language, no loops, not contaminated.
+
+    Reads a generate run directory or any JSONL/Parquet with problem, answer, completion; writes
+    RUN_DIR/accepted.parquet, rejected.parquet, stats.json, report.md and plots.
+    """
+    _not_built("filter", 4)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def train(ctx: typer.Context) -> None:
+    """Fine-tune a student (e.g. --student qwen-7b) on accepted traces.
+
+    Reads a Parquet/JSONL with chat `messages` (or problem + completion); writes a Hugging Face
+    model directory, checkpoints, config.yaml, metrics.jsonl and metrics.json into RUN_DIR.
+    """
+    _not_built("train", 5)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def grpo(ctx: typer.Context) -> None:
+    """Train an RL-only baseline (GRPO, Dr. GRPO, DAPO) from the same base, rewarded by the shared verifier.
+
+    Reads problems with reference answers; writes a Hugging Face model directory, checkpoints,
+    config.yaml, metrics.jsonl and metrics.json into RUN_DIR.
+    """
+    _not_built("grpo", 7)
+
+
+@app.command(name="eval", context_settings=_PASS_THROUGH)
+def eval_(ctx: typer.Context) -> None:
+    """Evaluate a model on math benchmarks under one locked, recorded protocol.
+
+    Reads a model and benchmarks (gsm8k, math500, aime24, aime25, amc23 or a JSONL); writes every
+    generation and verdict (JSONL) and metrics.json with pass@1, cons@k, pass@k and 95% CIs.
+    """
+    _not_built("eval", 6)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def compare(ctx: typer.Context) -> None:
+    """Compare base, distilled and RL-only runs: table with CIs and significance, cost, lengths, plots.
+
+    Reads eval/train/grpo/generate run directories (their files only); writes report.md,
+    report.csv and PNG plots into REPORT_DIR.
+    """
+    _not_built("compare", 6)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for the demo's run directories."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 3 minutes."),
+) -> None:
+    """Run the whole pipeline on the embedded toy world, on CPU.
+
+    Writes one run directory per stage under --out, and the comparison table.
+    """
+    # Until the toy world lands (issue #8) there is no end-to-end path to run; say so plainly
+    # rather than pretend, and succeed so `make demo` shows the state of the project.
+    typer.echo("distill demo: the toy-world pipeline is not built yet (issue #8).")
+    typer.echo("Built so far: the CLI, typed recipes, trace records and run directories (`distill doctor` checks the set-up).")
+
+
+@app.command()
+def doctor() -> None:
+    """Print the versions of Python, torch, CUDA and the libraries each command needs, and what is missing."""
+    from distill.doctor import report
+
+    typer.echo(report())
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: one-line errors for problems the user can fix."""
+    try:
+        app(args=argv, prog_name="distill")
+    except DistillError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished work is kept and the same command resumes it", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The trace record: one teacher completion for one (problem_id, sample_idx), with its provenance.
+
+Written by `distill generate` as append-only JSONL (flushed and fsynced in small batches, a
+torn last line repaired on resume), read by `distill filter` and anything else, exported to
+Parquet with a chat `messages` column that `datasets.load_dataset("parquet", ...)` and common
+SFT tools read as is. The schema is documented in docs/records.md; keep the two in step.
+
+Reading also accepts the minimal form users bring from elsewhere: `problem`, `answer`,
+`completion` (and optionally `id`, `finish_reason`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+from distill.errors import InputError
+
+SCHEMA_VERSION = 1
+TRACE_GLOB = "traces*.jsonl"  # a generate run dir holds traces.jsonl or traces.shard-I-of-N.jsonl
+OnBadRow = Literal["error", "skip"]
+
+
+@dataclass
+class TraceRecord:
+    problem_id: str
+    sample_idx: int
+    problem: str
+    answer: str | None  # the reference answer; None when the source has none
+    completion: str  # the whole assistant text, "<think> ... </think>" included
+    source: str | None = None  # where the problem came from, e.g. "math500" or a file name
+    prompt: list[dict[str, str]] | None = None  # the chat messages sent, before the assistant turn
+    finish_reason: str | None = None  # "stop" | "length" | engine-specific
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    teacher: str | None = None  # model id or path
+    engine: str | None = None  # "vllm" | "openai" | "hf"
+    engine_version: str | None = None
+    sampling: dict[str, Any] | None = None  # temperature, top_p, max_tokens, n, ...
+    seed: int | None = None  # the seed of this very sample
+    created_at: str | None = None  # ISO 8601, UTC
+    schema: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of the source row we do not model
+
+    @property
+    def id(self) -> str:
+        return record_id(self.problem_id, self.sample_idx)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.problem_id, self.sample_idx)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"id": self.id, **dataclasses.asdict(self)}
+        if not data["extra"]:
+            del data["extra"]
+        return data
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation to train on: the prompt as sent, then the complete assistant text."""
+        prompt = self.prompt or [{"role": "user", "content": self.problem}]
+        return [*prompt, {"role": "assistant", "content": self.completion}]
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TraceRecord)}
+_REQUIRED = ("problem", "completion")
+
+
+def record_id(problem_id: str, sample_idx: int) -> str:
+    return f"{problem_id}/{sample_idx}"
+
+
+def stable_id(problem: str) -> str:
+    """An id derived from the problem text alone (whitespace-insensitive), stable across runs."""
+    normalised = re.sub(r"\s+", " ", problem).strip()
+    return hashlib.sha256(normalised.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def iter_jsonl(path: str | Path, on_bad_row: OnBadRow = "error", skipped: list[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a malformed line names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except ValueError as error:
+                message = f"{path}:{number}: malformed JSON line ({_short(error)})"
+                if on_bad_row == "skip":
+                    if skipped is not None:
+                        skipped.append(message)
+                    continue
+                raise InputError(message + "; fix the line or pass --on-bad-row skip") from None
+            yield number, obj
+
+
+def trace_files(path: str | Path) -> list[Path]:
+    """The trace files behind a path: a file as is, or every shard of a generate run directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob(TRACE_GLOB))
+        if not files:
+            raise InputError(f"{path}: no {TRACE_GLOB} in this directory; is it a `distill generate` run directory?")
+        return files
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    return [path]
+
+
+@dataclass
+class ReadResult:
+    records: list[TraceRecord]
+    skipped: list[str]  # one message per skipped row, "file:line: why"
+
+
+def read_traces(path: str | Path, on_bad_row: OnBadRow = "error") -> ReadResult:
+    """All trace records under `path` (JSONL, Parquet, or a run directory with shards)."""
+    records: list[TraceRecord] = []
+    skipped: list[str] = []
+    for file in trace_files(path):
+        for where, row in _rows(file, on_bad_row, skipped):
+            try:
+                records.append(record_from_row(row, where))
+            except InputError as error:
+                if on_bad_row == "skip":
+                    skipped.append(str(error))
+                    continue
+                raise InputError(f"{error}; fix the row or pass --on-bad-row skip") from None
+    return ReadResult(records, skipped)
+
+
+def record_from_row(row: dict[str, Any], where: str) -> TraceRecord:
+    """A TraceRecord from a full record or the minimal form; `where` is 'file:line' for errors."""
+    for name in _REQUIRED:
+        if name not in row or row[name] is None:
+            raise InputError(f"{where}: missing field '{name}' (a trace needs at least 'problem', 'answer' and 'completion')")
+        if not isinstance(row[name], str):
+            raise InputError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
+    if "answer" not in row:
+        raise InputError(f"{where}: missing field 'answer' (the reference answer; null when there is none)")
+    problem = row["problem"]
+    problem_id = row.get("problem_id")
+    sample_idx = row.get("sample_idx")
+    if problem_id is None:
+        # Minimal form: an `id` names the problem; samples of one problem share it.
+        problem_id = str(row["id"]) if row.get("id") is not None else stable_id(problem)
+    if sample_idx is None:
+        sample_idx = 0
+    if not isinstance(sample_idx, int) or isinstance(sample_idx, bool) or sample_idx < 0:
+        raise InputError(f"{where}: field 'sample_idx' must be a non-negative integer, got {sample_idx!r}")
+    answer = row["answer"]
+    known = {k: row[k] for k in _FIELDS if k in row}
+    for name in ("prompt", "sampling"):
+        if isinstance(known.get(name), str):  # Parquet export stores these as JSON text
+            known[name] = json.loads(known[name])
+    extra = {k: v for k, v in row.items() if k not in _FIELDS and k not in ("id", "messages")}
+    extra.update(known.pop("extra", None) or {})
+    return TraceRecord(
+        **{**known, "problem_id": str(problem_id), "sample_idx": sample_idx, "problem": problem,
+           "answer": None if answer is None else _answer_text(answer)},
+        extra=extra,
+    )
+
+
+def _answer_text(answer: Any) -> str:
+    # References come as strings, ints (AIME) or floats (AMC: 27.0); keep "27" not "27.0".
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer)
+
+
+def _rows(file: Path, on_bad_row: OnBadRow, skipped: list[str]) -> Iterator[tuple[str, dict]]:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(file)
+        except Exception as error:  # pyarrow raises several types for a bad file
+            raise InputError(f"{file}: not a readable Parquet file ({_short(error)})") from None
+        for number, row in enumerate(table.to_pylist(), start=1):
+            yield f"{file}:row {number}", row
+    elif file.suffix in (".jsonl", ".json"):
+        for number, row in iter_jsonl(file, on_bad_row, skipped):
+            yield f"{file}:{number}", row
+    else:
+        raise InputError(f"{file}: unsupported trace file type '{file.suffix}'; use .jsonl or .parquet")
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+class TraceWriter:
+    """Append-only JSONL writer that survives kill -9: each batch is flushed and fsynced, and a
+    torn last line (a write cut short) is cut off when the file is opened again."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_tail(self.path)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def done_keys(self) -> set[tuple[str, int]]:
+        return {r.key for r in read_traces(self.path).records} if self.path.stat().st_size else set()
+
+    def write(self, records: Iterable[TraceRecord]) -> int:
+        lines = [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records]
+        if lines:
+            self._handle.write("".join(lines))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        return len(lines)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a torn last line (no trailing newline) off a JSONL file; returns bytes removed."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - 1))
+        if handle.read(1) == b"\n":
+            return 0
+        # Walk back to the last newline; everything after it is the torn write.
+        position = size
+        chunk = 1 << 16
+        while position > 0:
+            start = max(0, position - chunk)
+            handle.seek(start)
+            block = handle.read(position - start)
+            index = block.rfind(b"\n")
+            if index >= 0:
+                keep = start + index + 1
+                break
+            position = start
+        else:
+            keep = 0
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+        return size - keep
+
+
+def write_parquet(records: Iterable[TraceRecord], path: str | Path, extra_columns: dict[str, list] | None = None) -> int:
+    """Export records with a `messages` column (list of {role, content}); written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = list(records)
+    message_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    columns: dict[str, Any] = {
+        "id": pa.array([r.id for r in records], pa.string()),
+        "messages": pa.array([r.messages() for r in records], message_type),
+        "problem_id": pa.array([r.problem_id for r in records], pa.string()),
+        "sample_idx": pa.array([r.sample_idx for r in records], pa.int64()),
+        "problem": pa.array([r.problem for r in records], pa.string()),
+        "answer": pa.array([r.answer for r in records], pa.string()),
+        "completion": pa.array([r.completion for r in records], pa.string()),
+        "source": pa.array([r.source for r in records], pa.string()),
+        "prompt": pa.array([json.dumps(r.prompt) if r.prompt is not None else None for r in records], pa.string()),
+        "finish_reason": pa.array([r.finish_reason for r in records], pa.string()),
+        "prompt_tokens": pa.array([r.prompt_tokens for r in records], pa.int64()),
+        "completion_tokens": pa.array([r.completion_tokens for r in records], pa.int64()),
+        "teacher": pa.array([r.teacher for r in records], pa.string()),
+        "engine": pa.array([r.engine for r in records], pa.string()),
+        "engine_version": pa.array([r.engine_version for r in records], pa.string()),
+        "sampling": pa.array([json.dumps(r.sampling) if r.sampling is not None else None for r in records], pa.string()),
+        "seed": pa.array([r.seed for r in records], pa.int64()),
+        "created_at": pa.array([r.created_at for r in records], pa.string()),
+        "schema": pa.array([r.schema for r in records], pa.int64()),
+    }
+    for name, values in (extra_columns or {}).items():
+        if len(values) != len(records):
+            raise ValueError(f"extra column {name!r} has {len(values)} values for {len(records)} records")
+        columns[name] = pa.array(values)
+    table = pa.table(columns)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return len(records)
+
+
+def _short(error: BaseException, limit: int = 120) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,145 @@
+"""Run directories: every stage writes into one directory with the same files.
+
+    RUN_DIR/
+      config.yaml      the resolved config (and where each non-default value came from)
+      metrics.jsonl    one JSON object per step or batch, appended and flushed as it happens
+      metrics.json     the final figures, written atomically at the end
+      <stage>.log      the run's log
+      ...              the stage's own outputs
+
+Later stages and `distill compare` read these files; no stage reaches into another's code.
+Reopening a run directory (to resume) checks that the settings that define its outputs have
+not changed: mixing two teachers or two sampling settings in one directory is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from distill.config import save_config, to_dict
+from distill.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_LOG = "metrics.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+class RunDir:
+    def __init__(
+        self,
+        path: str | Path,
+        stage: str,
+        config: Any,
+        sources: Mapping[str, str] | None = None,
+        locked: Sequence[str] = (),
+    ):
+        """Create or reopen `path` for `stage`. `locked` are dotted config keys that must equal
+        those of an existing config.yaml (the run is being resumed), else ConfigError."""
+        self.path = Path(path)
+        self.stage = stage
+        self.config = config
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_path = self.path / CONFIG_FILE
+        self.resumed = config_path.exists()
+        if self.resumed and locked:
+            check_locked(config_path, to_dict(config), locked)
+        save_config(config, config_path, sources)
+        self.log = _file_logger(stage, self.path / f"{stage}.log")
+        self.started = time.time()
+
+    def say(self, message: str) -> None:
+        """Tell the user (stderr, so stdout stays clean for results) and keep it in the log."""
+        print(message, file=sys.stderr, flush=True)
+        self.log.info(message)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def log_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one step's figures to metrics.jsonl (flushed: a crash keeps every step logged)."""
+        line = json.dumps({"time": round(time.time(), 3), **_jsonable(record)}, ensure_ascii=False)
+        with (self.path / METRICS_LOG).open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
+        """Write the final metrics.json atomically, with the stage name and wall time added."""
+        data = {"stage": self.stage, "wall_time_s": round(time.time() - self.started, 3), **_jsonable(metrics)}
+        return write_json(self.path / METRICS_FILE, data)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; is {run_dir} a finished distill run directory?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; is {run_dir} a distill run directory?")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def check_locked(config_path: Path, new: Mapping[str, Any], locked: Sequence[str]) -> None:
+    old = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    changed = []
+    for key in locked:
+        before, after = _get(old, key), _get(new, key)
+        if before != after:
+            changed.append(f"{key}: {before!r} -> {after!r}")
+    if changed:
+        raise ConfigError(
+            f"{config_path.parent}: this run directory was made with other settings ({'; '.join(changed)}); "
+            "use a new --out directory, or the original settings to resume"
+        )
+
+
+def _get(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; readers treat null as "not measured"
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+def _file_logger(stage: str, path: Path) -> logging.Logger:
+    logger = logging.getLogger(f"distill.{stage}.{os.getpid()}.{path}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    return logger

@@ -1,0 +1,38 @@
+"""Run directories: config.yaml, metrics.jsonl, metrics.json, a log; locked settings on resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from distill.errors import ConfigError
+from distill.rundir import RunDir, read_config, read_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    model: str = "a"
+    temperature: float = 0.6
+    batch: int = 8
+
+
+def test_files_written(tmp_path):
+    run = RunDir(tmp_path / "run", "unit", Cfg(), {"model": "default"})
+    run.log_metrics({"step": 1, "loss": 2.5, "nan": float("nan")})
+    run.log_metrics({"step": 2, "loss": 2.0})
+    run.say("hello")
+    run.write_metrics({"final_loss": 2.0})
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and lines[0]["nan"] is None
+    assert read_metrics(tmp_path / "run")["final_loss"] == 2.0
+    assert read_config(tmp_path / "run") == {"model": "a", "temperature": 0.6, "batch": 8}
+    assert "hello" in (tmp_path / "run" / "unit.log").read_text()
+
+
+def test_resume_refuses_changed_locked_settings(tmp_path):
+    RunDir(tmp_path, "unit", Cfg(), locked=("model", "temperature"))
+    RunDir(tmp_path, "unit", Cfg(batch=16), locked=("model", "temperature"))  # batch may change
+    with pytest.raises(ConfigError, match=r"other settings \(temperature: 0\.6 -> 1\.0\)"):
+        RunDir(tmp_path, "unit", Cfg(temperature=1.0), locked=("model", "temperature"))
