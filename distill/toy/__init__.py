@@ -3,19 +3,22 @@
     python -m distill.toy build            # data + both toy models, trained with `distill train`
     distill demo [--quick]                 # the whole pipeline on this world (distill/toy/demo.py)
 
-**The task.** Sums and differences of several numbers: "Compute 47+85-36+12-9.", reference
-answer "99". Answered directly, a model must add all operands at once (many carries in one
-go); written step by step, each line is one two-number sum it can do:
+**The task.** Sums and differences of several one-digit numbers: "Compute 9+8-3-8-4+5.",
+reference answer "7". Answered directly, a model must add all operands at once; written step by
+step, each line is one small sum it can do, and the running total carries the work forward:
 
     <think>
-    47+85=132
-    132-36=96
-    96+12=108
-    108-9=99
+    9+8=17
+    17-3=14
+    14-8=6
+    6-4=2
+    2+5=7
     </think>
-    \\boxed{99}
+    \\boxed{7}
 
-Difficulty levels (`LEVELS`) set the number of operands and their digits. A minus sign is
+Difficulty levels (`LEVELS`) set the number of operands (2, 3, 4, 6, 8) and their digits (one
+by default: the step facts then number about a thousand, which a tiny model learns in minutes
+on a CPU, while the direct answer to eight operands stays out of its reach). A minus sign is
 drawn only when the running total stays non-negative (every intermediate value is a natural
 number: no negative numbers to learn). The test split is fixed by its seed and held out of
 every training set built here (teacher corpus, base corpus, demo problems), by problem text.
@@ -34,9 +37,9 @@ thought is made of (as a pretraining corpus holds arithmetic facts), so a studen
 write steps can use what it already knows. Both are trained by `distill train` from
 `recipes/toy/*.yaml`; the checkpoints live in `distill/toy/assets/` (see `build.py`).
 
-Prompts: the user turn is the problem plus the DeepSeek-R1 instruction, rendered the same way
-`distill generate`, `distill eval` and `distill grpo` render it, so the toy teacher is sampled
-with exactly the prompt it was trained on.
+Prompts: the user turn is the bare problem (instruction "", see INSTRUCTION), and every stage
+of the demo is given that same instruction, so the toy models are sampled, trained, rewarded and
+evaluated on exactly the prompt they were built with.
 """
 
 from __future__ import annotations
@@ -61,17 +64,18 @@ QUALITY_FILE = ASSETS / "quality.json"  # measured accuracy of the committed mod
 @dataclass(frozen=True)
 class Level:
     operands: int
-    digits: int  # each operand has 1..digits digits (uniform over 1 .. 10**digits - 1)
+    digits: int  # each operand is uniform over 1 .. 10**digits - 1
 
 
 LEVELS: dict[int, Level] = {
     1: Level(2, 1),
-    2: Level(2, 2),
-    3: Level(3, 2),
-    4: Level(4, 2),
-    5: Level(5, 2),
+    2: Level(3, 1),
+    3: Level(4, 1),
+    4: Level(6, 1),
+    5: Level(8, 1),
 }
 TEST_SEED = 1_000_003  # the held-out test split; nothing else is drawn with it
+MAX_NEW_TOKENS = 96  # the longest trace (5 operands) is about 60 tokens
 
 
 @dataclass(frozen=True)
