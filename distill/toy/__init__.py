@@ -184,15 +184,17 @@ def level_of(problem_id: str) -> int | None:
 # completions: the chain-of-thought writer and the direct answer
 
 
-def write_trace(problem: ToyProblem, rng: random.Random, slip_rate: float = 0.0) -> tuple[str, bool]:
-    """An R1-style completion: one line per step inside <think>, then the boxed answer.
+def write_trace(problem: ToyProblem, rng: random.Random, slip_rate: float = 0.0, style: str = "rewrite") -> tuple[str, bool]:
+    """An R1-style completion: the working inside <think>, then the boxed answer.
 
+    style "rewrite": the expression, then one line per step with its first operation done and
+    the rest copied ("=17-3-8", "=14-8", "=6"); style "steps": one "a+b=c" line per step.
     With probability `slip_rate` per step, the step's result is off by +-1, +-10 or +-100 (never
     negative) and later steps continue from the wrong value. Returns (text, slipped)."""
-    lines = []
     true_totals = problem.running_totals()
     total = problem.numbers[0]
     slipped = False
+    lines = [problem.expression] if style == "rewrite" else []
     for step, (sign, number) in enumerate(zip(problem.signs, problem.numbers[1:]), start=1):
         result = total + number if sign == "+" else total - number
         if rng.random() < slip_rate:
@@ -201,7 +203,11 @@ def write_trace(problem: ToyProblem, rng: random.Random, slip_rate: float = 0.0)
             deltas = [d for d in (1, -1, 10, -10, 100, -100) if lowest_later + d >= 0 and (abs(d) < 100 or result >= 100)]
             result += rng.choice(deltas)
             slipped = True
-        lines.append(f"{total}{sign}{number}={result}")
+        if style == "rewrite":
+            rest = "".join(f"{s}{n}" for s, n in zip(problem.signs[step:], problem.numbers[step + 1 :]))
+            lines.append(f"={result}{rest}")
+        else:
+            lines.append(f"{total}{sign}{number}={result}")
         total = result
     if not lines:  # a single operand: nothing to compute, still one visible step
         lines.append(str(total))
