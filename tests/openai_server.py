@@ -8,8 +8,8 @@ Misbehaves on purpose, on the FIRST attempt of a request, by its seed:
     seed % 4 == 3 -> the connection is dropped without an answer
 Even seeds get their reasoning split out into `reasoning_content` (as `vllm serve
 --reasoning-parser deepseek_r1` does); odd seeds get the whole text in `content`, whose
-reasoning opens without `<think>` (the server's template prefilled it). Seeds >= 10_000 always
-answer 503. Requests with another Bearer key than `api_key` get 401. The server stops itself
+reasoning opens without `<think>` (the server's template prefilled it). A request whose last
+message is "always fail" always gets 503. Requests with another Bearer key than `api_key` get 401. The server stops itself
 after `lifetime_s` in case a test forgets to.
 """
 
@@ -106,7 +106,7 @@ class FakeOpenAIServer:
                     server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
                 try:
                     time.sleep(server.delay_s)
-                    if seed >= 10_000:
+                    if body.get("messages", [{}])[-1].get("content") == "always fail":
                         return self._send(503, {"error": {"message": "overloaded"}})
                     if attempt == 1 and seed % 4 == 1:
                         return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})

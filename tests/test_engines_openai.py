@@ -12,10 +12,10 @@ from openai_server import FakeOpenAIServer, closed_port_url
 FAST_RETRY = dict(backoff_s=0.01, backoff_max_s=0.05)
 
 
-def chat_requests(seeds) -> list[Request]:
+def chat_requests(seeds, content: str = "problem {seed}") -> list[Request]:
     sampling = Sampling(temperature=0.6, top_p=0.95, max_tokens=64)
     return [Request(key=f"p{seed}", prompt="", sampling=sampling, seed=seed,
-                    messages=({"role": "user", "content": f"problem {seed}"},)) for seed in seeds]
+                    messages=({"role": "user", "content": content.format(seed=seed)},)) for seed in seeds]
 
 
 def test_retries_bounded_concurrency_and_reasoning_folded(monkeypatch):
@@ -42,9 +42,9 @@ def test_retries_bounded_concurrency_and_reasoning_folded(monkeypatch):
 def test_a_request_that_keeps_failing_comes_back_as_an_error():
     with FakeOpenAIServer() as server:
         engine = make_engine("openai", "teacher", base_url=server.base_url, max_retries=2, **FAST_RETRY)
-        (failed,) = engine.generate(chat_requests([10_000]))
+        (failed,) = engine.generate(chat_requests([8], content="always fail"))
     assert failed.finish_reason == "error" and "gave up after 3 attempts" in failed.info["error"]
-    assert server.attempts[10_000] == 3
+    assert server.attempts[8] == 3
 
 
 def test_unreachable_server_wrong_key_and_unknown_model_fail_before_work(monkeypatch):
