@@ -76,6 +76,7 @@ class VLLMOptions:
     distributed_executor_backend: str | None = None  # "ray" for a teacher spanning nodes
     max_num_seqs: int | None = None
     max_queued: int = 2048  # requests held in the engine at once
+    extra: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument, e.g. kv_cache_dtype
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class OpenAIOptions:
     max_retries: int = 8
     backoff_s: float = 1.0
     backoff_max_s: float = 60.0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {top_k: 20}
 
 
 @dataclass(frozen=True)
