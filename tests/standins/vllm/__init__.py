@@ -17,7 +17,7 @@ order they were added. Text is decoded from seeded random token ids with the mod
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __version__ = "0.0.0+standin"
