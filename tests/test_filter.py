@@ -69,6 +69,7 @@ def data_dir():
 
 def config(tmp_path: Path, traces: Path, **changes) -> FilterConfig:
     changes.setdefault("decontaminate", ())
+    changes.setdefault("plots", False)
     return FilterConfig(traces=traces, out=tmp_path / "out", **changes)
 
 
@@ -78,7 +79,7 @@ def by_id(path: Path) -> dict[str, dict]:
 
 def test_filter_records_every_verdict_and_the_first_reason(tmp_path, verifier, data_dir):
     traces = write_jsonl(tmp_path / "traces.jsonl", ROWS)
-    cfg = config(tmp_path, traces, data_dir=data_dir, decontaminate=("gsm8k", "math500", "aime24", "aime25", "amc23"))
+    cfg = config(tmp_path, traces, data_dir=data_dir, decontaminate=("gsm8k", "math500", "aime24", "aime25", "amc23"), plots=True)
     metrics = run(cfg, verifier=verifier)
     out = cfg.out
     accepted, rejected = by_id(out / "accepted.parquet"), by_id(out / "rejected.parquet")
@@ -127,7 +128,7 @@ def test_selection_and_difficulty(tmp_path, verifier):
     traces = write_jsonl(tmp_path / "traces.jsonl", rows)
 
     def accepted_ids(**changes):
-        cfg = config(tmp_path, traces, dedup=False, plots=False, **changes)
+        cfg = config(tmp_path, traces, dedup=False, **changes)
         run(cfg, verifier=verifier)
         return sorted(by_id(cfg.out / "accepted.parquet"))
 

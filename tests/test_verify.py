@@ -20,6 +20,7 @@ from distill.verify import (
     extract_answer,
     reference_answer,
 )
+from distill.verify.equivalence import check, quick_verdict
 from distill.verify.pool import HardLimitPool
 
 LIMIT_S = 1.0  # the hard limit of the verifier that meets adversarial input
@@ -180,13 +181,53 @@ def test_gsm8k_reference_and_order_kept(verifier):
 
 
 def test_cache_by_reference_and_answer(verifier):
-    item = ("\\frac{3}{7}", think("\\boxed{\\frac{6}{14}}", reasoning="one way"))
-    same_answer = ("\\frac{3}{7}", think("\\boxed{\\frac{6}{14}}", reasoning="another way"))
-    verifier.grade([item])
-    checked, cached = verifier.stats["checked"], verifier.stats["cached"]
-    assert verifier.grade([same_answer, item]) == [Verdict(True, "\\frac{6}{14}", "correct")] * 2
-    assert verifier.stats["checked"] == checked, "a repeated (reference, answer) pair must not be checked again"
+    item = ("x^2 - 1", think("\\boxed{(x-1)(x+1)}", reasoning="one way"))
+    same_answer = ("x^2 - 1", think("\\boxed{(x-1)(x+1)}", reasoning="another way"))
+    checked = verifier.stats["checked"]
+    assert verifier.grade([item]) == [Verdict(True, "(x-1)(x+1)", "correct")]
+    assert verifier.stats["checked"] == checked + 1
+    cached = verifier.stats["cached"]
+    assert verifier.grade([same_answer, item]) == [Verdict(True, "(x-1)(x+1)", "correct")] * 2
+    assert verifier.stats["checked"] == checked + 1, "a repeated (reference, answer) pair must not be checked again"
     assert verifier.stats["cached"] == cached + 2
+
+
+def _number(numerator: int, denominator: int, form: str) -> str:
+    if form == "int" and numerator % denominator == 0:
+        return str(numerator // denominator)
+    if form == "decimal":
+        return repr(round(numerator / denominator, 3))
+    sign = "-" if numerator < 0 else ""
+    if form == "slash":
+        return f"{numerator}/{denominator}"
+    return f"{sign}\\{form}{{{abs(numerator)}}}{{{denominator}}}"
+
+
+FORMS = st.sampled_from(["int", "frac", "dfrac", "slash", "decimal"])
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=st.integers(-40, 40), b=st.integers(1, 9), c=st.integers(-40, 40), d=st.integers(1, 9), form_a=FORMS, form_b=FORMS)
+def test_quick_verdicts_agree_with_math_verify(a, b, c, d, form_a, form_b):
+    """The parent-side shortcut (no sympy) decides only where math-verify says the same."""
+    reference, answer = _number(a, b, form_a), _number(c, d, form_b)
+    quick = quick_verdict(reference, answer)
+    if quick is not None:
+        assert quick == check(reference, answer), f"{reference} vs {answer}"
+
+
+def test_quick_spacing_verdicts_agree_with_math_verify():
+    references = [json.loads(line)["answer"] for line in shared_path("eval/math500/test.jsonl").read_text().splitlines()]
+    decided = 0
+    for reference in references[::12]:
+        spaced = reference.replace("+", " + ").replace(",", ",\\ ").replace("\\frac", "\\dfrac")
+        if "\\left" not in reference:
+            spaced = spaced.replace("(", "\\left( ").replace(")", " \\right)")
+        quick = quick_verdict(reference, spaced)
+        if quick is not None and spaced != reference:
+            decided += 1
+            assert quick == check(reference, spaced) == (True, "correct"), f"{reference} vs {spaced}"
+    assert decided >= 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 
 Per pair: the reference's final answer (`reference_answer`: GSM8K `#### 72`, a boxed worked
 solution, or the answer itself) and the completion's (`extract_answer`: after the reasoning
-only) are taken in this process; settled here if trivial (identical strings, two integers);
-else looked up in the cache keyed by (reference answer, extracted answer); else checked by
+only) are taken in this process; settled here when sympy is not needed (`quick_verdict`: the same
+text up to LaTeX spacing, plain numbers); else looked up in the cache keyed by (reference
+answer, extracted answer); else checked by
 math-verify in a worker process under a hard wall-clock limit (`distill.verify.pool`). Pairs
 repeated within one call are checked once.
 
@@ -56,7 +57,7 @@ class Verifier:
         self.timeout_s = float(timeout_s)
         self.think_tags = (think_tags[0], think_tags[1])
         self.memory_limit_mb = memory_limit_mb
-        self.stats: Counter[str] = Counter()  # pairs, quick, cached, checked, timeout, crashed, error, restarts
+        self.stats: Counter[str] = Counter()  # pairs, quick, cached, checked, timeout, crashed, error
         self.latencies: list[float] = []  # seconds of each check a worker ran (for benchmarks)
         self._cache: dict[tuple[str, str | None], tuple[bool | None, str]] = {}
         self._pool: HardLimitPool | None = None
