@@ -361,3 +361,23 @@ def test_repetition_check():
     assert not looped.ok and looped.max_repeats > 10
     assert not check_repetition("1" * 20_000).ok  # a run of one character is a loop too
     assert check_repetition("short").ok
+
+
+def test_repetition_defaults_on_real_traces():
+    rows = [json.loads(line) for line in shared_path("traces/sky-t1-math-correct-5k-27b_math500.jsonl").read_text().splitlines()]
+    finished = [row["code"][0] for row in rows if "<|end_of_solution|>" in row["code"][0]]
+    cut_off = [row["code"][0] for row in rows if "<|end_of_solution|>" not in row["code"][0]]
+    assert all(check_repetition(text).ok for text in finished)  # no false alarm on a finished trace
+    looping = [text for text in cut_off if not check_repetition(text).ok]
+    assert len(looping) >= 12  # outputs that ran into max tokens in a loop (14 of the 321 cut off)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet="ab c\n", max_size=300), window=st.integers(1, 25))
+def test_repetition_counts_match_brute_force(text, window):
+    from collections import Counter
+
+    flat = " ".join(text.split())
+    expected = max(Counter(flat[i : i + window] for i in range(len(flat) - window + 1)).values()) if len(flat) >= window else (1 if flat else 0)
+    assert check_repetition(text, window, 10**9).max_repeats == expected
+

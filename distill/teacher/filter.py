@@ -21,7 +21,7 @@ Steps (top to bottom below):
    - length (with --student): prompt rendered by the student's chat template + completion + end
      of turn, in the student's tokenizer, <= max_seq_len;
    - language: no other script than the problem's beyond a threshold (R1 filters mixed
-     languages); repetition: no word n-gram repeated too often (degenerate loops).
+     languages); repetition: no 200-character stretch repeated too often (degenerate loops).
 3. Per problem: decontamination (word n-gram overlap with GSM8K, MATH-500, AIME24/25, AMC23
    and user files; default n=8), exact + near-duplicate problems (MinHash, Jaccard >= 0.8; the
    first seen is kept), the teacher's pass rate (correct / decided samples).
@@ -85,8 +85,8 @@ class FilterConfig:
     language_max_foreign_fraction: float = 0.01
     language_max_foreign_run: int = 20  # letters
     repetition_check: bool = True
-    repetition_ngram: int = 50  # tokens (words of <= 16 characters, punctuation marks)
-    repetition_max_repeats: int = 10
+    repetition_window: int = 200  # characters (white space collapsed)
+    repetition_max_repeats: int = 10  # reject when a window occurs more often than this
     # curation
     selection: Literal["all", "max_k", "shortest", "random_k"] = "all"
     k: int = 1  # for max_k, shortest, random_k
@@ -109,8 +109,8 @@ class FilterConfig:
             raise ValueError(f"verifier_timeout_s must be > 0, got {self.verifier_timeout_s}")
         if not 0.0 < self.dedup_threshold <= 1.0:
             raise ValueError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
-        if self.decontamination_ngram < 1 or self.repetition_ngram < 1:
-            raise ValueError("decontamination_ngram and repetition_ngram must be >= 1")
+        if self.decontamination_ngram < 1 or self.repetition_window < 1:
+            raise ValueError("decontamination_ngram and repetition_window must be >= 1")
         if len(self.think_tags) != 2 or not self.think_tags[1]:
             raise ValueError(f"think_tags is two tags (start, end), e.g. '<think>,</think>'; got {self.think_tags!r}")
 
@@ -164,7 +164,7 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     for index, record in enumerate(records):
         verdict = verdicts[index]
         language = check_language(record.problem, record.completion, cfg.language_max_foreign_fraction, cfg.language_max_foreign_run)
-        repetition = check_repetition(record.completion, cfg.repetition_ngram, cfg.repetition_max_repeats)
+        repetition = check_repetition(record.completion, cfg.repetition_window, cfg.repetition_max_repeats)
         tokens = lengths[0][index] if lengths else None
         rows.append(Row(
             answer_verdict=verdict.reason, correct=verdict.correct, extracted=verdict.extracted,
