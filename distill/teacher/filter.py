@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from tqdm import tqdm
+
 from distill.config import describe_sources
 from distill.errors import InputError
 from distill.problems import PRESETS, load_problems
@@ -161,7 +163,7 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     lengths = _student_lengths(records, cfg, rundir) if cfg.student else None
     max_len = lengths[1] if lengths else None
     rows: list[Row] = []
-    for index, record in enumerate(records):
+    for index, record in enumerate(tqdm(records, desc="checks", unit="trace", disable=None)):
         verdict = verdicts[index]
         language = check_language(record.problem, record.completion, cfg.language_max_foreign_fraction, cfg.language_max_foreign_run)
         repetition = check_repetition(record.completion, cfg.repetition_window, cfg.repetition_max_repeats)
@@ -271,8 +273,6 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
 # step helpers
 
 def _grade(records: list[TraceRecord], cfg: FilterConfig, verifier: Verifier | None, rundir: RunDir):
-    from tqdm import tqdm
-
     if verifier is not None and tuple(verifier.think_tags) != tuple(cfg.think_tags):
         raise ValueError(f"the verifier passed in splits on {verifier.think_tags}, the config on {cfg.think_tags}")
     owned = verifier is None

@@ -87,7 +87,10 @@ class Verifier:
     def __del__(self) -> None:  # a forgotten close() must not leave processes behind
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.close()
+            try:
+                pool.close()
+            except Exception:  # at interpreter exit modules may be half torn down; workers are daemons anyway
+                pass
 
     # ----------------------------------------------------------------------------------------
 
