@@ -256,3 +256,9 @@ def test_cli_filter(tmp_path, run_cli):
     assert "accepted 2/3 traces" in out and (tmp_path / "cli" / "accepted.parquet").is_file()
     code, out, err = run_cli("filter", "--out", str(tmp_path / "cli2"))
     assert code == 2 and "missing required value 'traces'" in err and "--traces" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((tmp_path / "traces.jsonl").read_text() + "{torn\n", encoding="utf-8")
+    code, out, err = run_cli("filter", "--in", str(bad), "--out", str(tmp_path / "cli3"), "decontaminate=[]")
+    assert code == 2 and err.strip().endswith("fix the line or pass --on-bad-row skip") and "bad.jsonl:4" in err
+    code, out, err = run_cli("filter", "--in", str(bad), "--out", str(tmp_path / "cli3"), "--on-bad-row", "skip", "decontaminate=[]")
+    assert code == 0 and "accepted 2/3 traces" in out
