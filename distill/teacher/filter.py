@@ -264,8 +264,8 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     metrics.update(contaminated_problems=len(contaminated), duplicate_problems=len(duplicates),
                    mean_pass_rate=stats["pass_rate"]["mean"], undecided=stats["verifier"].get("undecided", 0))
     rundir.write_metrics(metrics)
-    rundir.say(f"accepted {len(accepted)}/{len(records)} traces ({metrics['accept_rate']:.1%}) of "
-               f"{metrics['accepted_problems']} problems -> {rundir.file('accepted.parquet')}; see {rundir.file('report.md')}")
+    rundir.say(f"kept {metrics['accept_rate']:.1%} of the traces, from {metrics['accepted_problems']} problems; "
+               f"report: {rundir.file('report.md')}")
     return metrics
 
 
