@@ -180,6 +180,10 @@ def test_gsm8k_reference_and_order_kept(verifier):
     assert [v.correct for v in verdicts] == [True, False, True]
 
 
+def test_equal_compares_final_answers(verifier):
+    assert verifier.equal([("\\frac{1}{2}", "0.5"), ("x^2-1", "(x-1)(x+1)"), ("3", "4"), ("[1,2)", "[1,2]")]) == [True, True, False, False]
+
+
 def test_cache_by_reference_and_answer(verifier):
     item = ("x^2 - 1", think("\\boxed{(x-1)(x+1)}", reasoning="one way"))
     same_answer = ("x^2 - 1", think("\\boxed{(x-1)(x+1)}", reasoning="another way"))

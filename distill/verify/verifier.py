@@ -71,6 +71,27 @@ class Verifier:
     def grade_one(self, reference: str | None, completion: str) -> Verdict:
         return self.grade([(reference, completion)])[0]
 
+    def equal(self, pairs: Sequence[tuple[str, str]]) -> list[bool | None]:
+        """Are two final answers the same (no extraction: e.g. to group sampled answers for a
+        majority vote)? None when undecided (the first cannot be read, or the check timed out)."""
+        with self._lock:
+            results: list[bool | None] = [None] * len(pairs)
+            pending: dict[tuple[str, str | None], list[int]] = {}
+            for index, (first, second) in enumerate(pairs):
+                key = (first.strip(), second.strip())
+                known = self._cache.get(key) or quick_verdict(*key)
+                if known is not None:
+                    results[index] = known[0]
+                else:
+                    pending.setdefault(key, []).append(index)
+            if pending:
+                keys = list(pending)
+                for key, outcome in zip(keys, self._check(keys)):
+                    self._remember(key, outcome)
+                    for index in pending[key]:
+                        results[index] = outcome[0]
+            return results
+
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:
