@@ -15,9 +15,10 @@ The protocol (DeepSeek-R1 paper defaults):
   template by `distill.teacher.prompts.render_prompt` (the one prompt renderer; the `<think>`
   prefill of R1-style templates is put back into the stored completion exactly once);
 - k samples per problem, per-benchmark defaults (AIME 64, AMC 32, MATH-500 4, GSM8K 1;
-  `distill.benchmarks`); sample i of problem p has its own seed,
-  sha256("{seed}:{p}:{i}") mod 2^31, so any sample is reproducible on its own (as far as the
-  engine is deterministic for a given seed) and a resumed run draws what an uninterrupted one would;
+  `distill.benchmarks`); sample i of problem p has its own seed, a hash of (seed, p, i)
+  (`distill.teacher.generate.sample_seed`, the same rule as teacher sampling), so any sample is
+  reproducible on its own (as far as the engine is deterministic for a given seed) and a
+  resumed run draws what an uninterrupted one would;
 - every completion is graded by the shared verifier (`distill.verify`: the same extraction and
   equivalence check that filters teacher traces and rewards GRPO); the verdict's `correct=None`
   (timeout, unparsable reference) counts as wrong and is counted in `verdicts`.
@@ -44,7 +45,6 @@ size for vllm, one for hf on CUDA; not measured for a remote openai server).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -58,10 +58,11 @@ from typing import Any, Literal, Mapping
 
 from distill.benchmarks import Benchmark, load_benchmarks
 from distill.config import load_config
-from distill.errors import ConfigError, InputError
+from distill.errors import ConfigError, DistillError, InputError
 from distill.metrics import Sample, benchmark_metrics
 from distill.records import TraceRecord, TraceWriter, iter_jsonl, read_traces, repair_tail
 from distill.rundir import METRICS_FILE, METRICS_LOG, RunDir, read_metrics, write_json
+from distill.teacher.generate import HFOptions, OpenAIOptions, VLLMOptions, engine_options, sample_seed
 from distill.teacher.prompts import R1_INSTRUCTION
 
 SAMPLES_DIR = "samples"
@@ -85,12 +86,11 @@ class EvalConfig:
     seed: int = 0  # base of every sample's own seed
     limit: int | None = None  # the first N problems of each benchmark (quick checks; recorded, compare refuses to mix)
     data_dir: Path | None = None  # local benchmark copies (../shared/data/eval layout); else $DISTILL_DATA_DIR, else the hub
-    tokenizer: str | None = None  # where the chat template comes from; default: the model
     chat_template: str | None = None  # override the model's template (jinja text, .jinja or tokenizer_config.json)
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    batch_size: int = 8  # hf engine: sequences per generate call; vllm schedules its own batches
-    engine_options: dict[str, Any] = field(default_factory=dict)  # passed to the engine as is (e.g. base_url, gpu_memory_utilization)
+    trust_remote_code: bool = False
+    hf: HFOptions = field(default_factory=HFOptions)  # the engines' settings: the same sections as `distill generate`
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    openai: OpenAIOptions = field(default_factory=OpenAIOptions)
     verifier_workers: int | None = None
     verifier_timeout_s: float = 5.0
     write_every: int = 16  # completions graded and fsynced together
@@ -116,6 +116,8 @@ def run(cfg: EvalConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         raise ConfigError("missing required value 'model': pass --model MODEL (a hub id or a model directory)")
     if cfg.out is None:
         raise ConfigError("missing required value 'out': pass --out RUN_DIR")
+    if cfg.chat_template is not None and cfg.engine == "openai":
+        raise ConfigError("chat_template applies to the hf and vllm engines; an OpenAI-compatible server uses its own (e.g. `vllm serve --chat-template`)")
 
     # ---- benchmarks and the protocol -----------------------------------------------------------
     benchmarks = load_benchmarks(list(cfg.benchmarks), data_dir=cfg.data_dir, limit=cfg.limit)
@@ -162,10 +164,15 @@ def _generate_and_grade(cfg: EvalConfig, run_dir: RunDir, todo: list, writers: d
     from tqdm import tqdm
 
     from distill.engines import Request, Sampling, make_engine
-    from distill.teacher.prompts import full_completion, render_prompt
+    from distill.teacher.prompts import full_completion, load_chat_template, render_prompt
     from distill.verify import Verifier, check_format
 
-    tokenizer = _load_tokenizer(cfg)
+    # The engine loads the evaluated model's own tokenizer; its chat template renders the prompts
+    # (None for an OpenAI-compatible server, which applies its template to the messages).
+    engine = make_engine(cfg.engine, cfg.model, **engine_options(cfg))
+    tokenizer = engine.tokenizer
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = load_chat_template(cfg.chat_template)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     rendered_of: dict[tuple[str, str], Any] = {}  # (benchmark, problem id) -> RenderedPrompt
     pending: dict[str, tuple[Benchmark, Any, int, int]] = {}  # request key -> (benchmark, problem, idx, seed)
@@ -180,7 +187,6 @@ def _generate_and_grade(cfg: EvalConfig, run_dir: RunDir, todo: list, writers: d
         pending[key] = (benchmark, problem, idx, seed)
         requests.append(Request(key=key, prompt=rendered.text or "", sampling=sampling, seed=seed, messages=rendered.messages))
 
-    engine = make_engine(cfg.engine, cfg.model, tokenizer=tokenizer, **_engine_options(cfg))
     session = uuid.uuid4().hex[:12]
     started = time.time()
     environment = environment_of(cfg, engine)
@@ -188,6 +194,7 @@ def _generate_and_grade(cfg: EvalConfig, run_dir: RunDir, todo: list, writers: d
     run_dir.say(f"engine {engine.name} {engine.version}; {len(requests)} samples to generate")
     sampling_record = {**dataclasses.asdict(sampling), "stop": list(sampling.stop)}
     buffer: list[tuple[Any, Any]] = []  # (completion, full text) waiting to be graded and written
+    errors: list[str] = []  # samples the engine failed on: not written, retried by the next run
     done = total - len(requests)
 
     def flush(verifier) -> None:
@@ -215,58 +222,34 @@ def _generate_and_grade(cfg: EvalConfig, run_dir: RunDir, todo: list, writers: d
         buffer.clear()
         run_dir.log_metrics({"event": "progress", "session": session, "done": done, "total": total, "elapsed_s": round(time.time() - started, 3)})
 
+    bar = tqdm(total=total, initial=done, desc="eval", unit="sample", file=sys.stderr, disable=None)
     try:
         with Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as verifier:
-            bar = tqdm(total=total, initial=done, desc="eval", unit="sample", file=sys.stderr, disable=None)
-            for completion in engine.generate(requests):
-                rendered = rendered_of[(pending[completion.key][0].name, pending[completion.key][1].id)]
-                buffer.append((completion, full_completion(rendered, completion.text)))
-                bar.update(1)
-                if len(buffer) >= cfg.write_every:
-                    flush(verifier)
-            flush(verifier)
-            bar.close()
+            try:
+                for completion in engine.generate(requests):
+                    bar.update(1)
+                    if completion.finish_reason == "error":
+                        errors.append(f"{completion.key}: {completion.info.get('error', 'engine error')}")
+                        continue
+                    rendered = rendered_of[(pending[completion.key][0].name, pending[completion.key][1].id)]
+                    buffer.append((completion, full_completion(rendered, completion.text)))
+                    if len(buffer) >= cfg.write_every:
+                        flush(verifier)
+            finally:
+                flush(verifier)  # Ctrl-C or an engine error: what finished is graded and kept
     finally:
+        bar.close()
         engine.close()
     if pending:
-        raise InputError(f"the {engine.name} engine returned no completion for {len(pending)} request(s) (first: {next(iter(pending))}); run the same command again to retry them")
-
-
-def sample_seed(base: int, problem_id: str, sample_idx: int) -> int:
-    """The fixed seed of one sample: independent of order, batch and which samples are left to do."""
-    digest = hashlib.sha256(f"{base}:{problem_id}:{sample_idx}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31)
+        first = errors[0] if errors else next(iter(pending))
+        raise DistillError(
+            f"{len(pending)} sample(s) got no completion (first: {first}); finished samples are kept in "
+            f"{run_dir.path / SAMPLES_DIR}; run the same command again to retry the rest"
+        )
 
 
 def _verdict_fields(verdict: Any, format_ok: bool) -> dict[str, Any]:
     return {"correct": verdict.correct, "extracted": verdict.extracted, "verdict": verdict.reason, "format_ok": format_ok}
-
-
-def _load_tokenizer(cfg: EvalConfig) -> Any:
-    """The evaluated model's own tokenizer (its chat template renders the prompt)."""
-    from transformers import AutoTokenizer
-
-    source = cfg.tokenizer or cfg.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        if cfg.engine == "openai" and cfg.tokenizer is None:
-            return None  # the server applies its own template; render_prompt then sends messages only
-        raise InputError(f"could not load the tokenizer of {source} ({str(error).splitlines()[0][:160]}); pass tokenizer=PATH") from None
-    if cfg.chat_template:
-        from distill.teacher.prompts import load_chat_template
-
-        tokenizer.chat_template = load_chat_template(cfg.chat_template)
-    return tokenizer
-
-
-def _engine_options(cfg: EvalConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {"dtype": cfg.dtype}
-    if cfg.engine == "vllm":
-        options["tensor_parallel_size"] = cfg.tensor_parallel_size
-    if cfg.engine == "hf":
-        options["batch_size"] = cfg.batch_size
-    return {**options, **cfg.engine_options}
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +269,7 @@ def protocol_of(cfg: EvalConfig, benchmarks: list[Benchmark]) -> dict[str, Any]:
         "system_prompt": cfg.system_prompt,
         "instruction": cfg.instruction,
         "seed": cfg.seed,
-        "seed_rule": "sha256('{seed}:{problem_id}:{sample_idx}') mod 2^31",
+        "seed_rule": "distill.teacher.generate.sample_seed(seed, problem_id, sample_idx)",
         "benchmarks": {
             b.name: {
                 "spec": b.spec,
@@ -303,19 +286,22 @@ def protocol_of(cfg: EvalConfig, benchmarks: list[Benchmark]) -> dict[str, Any]:
 
 def environment_of(cfg: EvalConfig, engine: Any) -> dict[str, Any]:
     gpu_name, gpu_count = _gpus()
+    options = engine_options(cfg)
     if cfg.engine == "vllm":
-        used = cfg.tensor_parallel_size
+        replicas = cfg.vllm.data_parallel_size or max(1, gpu_count // (cfg.vllm.tensor_parallel_size * cfg.vllm.pipeline_parallel_size))
+        used = cfg.vllm.tensor_parallel_size * cfg.vllm.pipeline_parallel_size * replicas
     elif cfg.engine == "hf":
-        used = 1 if gpu_count else 0
+        used = 1 if gpu_count and cfg.hf.device != "cpu" else 0
     else:
         used = None  # a remote server: its GPUs are not visible from here
     return {
         "engine": engine.name,
         "engine_version": engine.version,
-        "dtype": cfg.dtype,
-        "tensor_parallel_size": cfg.tensor_parallel_size if cfg.engine == "vllm" else 1,
-        "batch_size": cfg.batch_size if cfg.engine == "hf" else None,
-        "engine_options": cfg.engine_options,
+        "dtype": options.get("dtype", "server"),
+        "resolved_dtype": str(engine.model.dtype) if cfg.engine == "hf" else None,  # what "auto" became
+        "tensor_parallel_size": cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1,
+        "batch_size": cfg.hf.batch_size if cfg.engine == "hf" else cfg.vllm.max_num_seqs if cfg.engine == "vllm" else cfg.openai.max_in_flight,
+        "engine_options": options,
         "seed": cfg.seed,
         "gpu": gpu_name,
         "gpu_count_visible": gpu_count,

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import shared_path
 from distill.errors import ConfigError
-from distill.evaluate import EvalConfig, read_protocol, run, sample_seed, samples_path
+from distill.evaluate import EvalConfig, read_protocol, run, samples_path
+from distill.teacher.generate import HFOptions, sample_seed
 from distill.records import read_traces
 
 FIGURES = ("pass@1", "pass@1_se", "pass@1_ci95", "cons@k", "pass@k", "response_tokens_mean",
@@ -18,11 +19,11 @@ FIGURES = ("pass@1", "pass@1_se", "pass@1_ci95", "cons@k", "pass@k", "response_t
 
 def tiny_eval(tiny_qwen, out, **changes) -> EvalConfig:
     settings = dict(model=str(tiny_qwen), benchmarks=("math500", "gsm8k"), out=out, engine="hf", k=2, max_tokens=6,
-                    limit=2, data_dir=shared_path("eval"), batch_size=4, verifier_workers=1)
+                    limit=2, data_dir=shared_path("eval"), hf=HFOptions(batch_size=8), verifier_workers=1)
     return EvalConfig(**{**settings, **changes})
 
 
-def test_eval_end_to_end_resume_and_rescore(tiny_qwen, tmp_path):
+def test_eval_end_to_end_resume_and_rescore(tiny_qwen, tmp_path, run_cli):
     out = tmp_path / "eval"
     metrics = run(tiny_eval(tiny_qwen, out))
 
@@ -42,48 +43,51 @@ def test_eval_end_to_end_resume_and_rescore(tiny_qwen, tmp_path):
     assert all(key in figures for key in FIGURES) and figures["problems"] == 2 and figures["samples"] == 4 and figures["complete"]
     assert 0.0 <= figures["pass@1_ci95"][0] <= figures["pass@1"] <= figures["pass@1_ci95"][1] <= 1.0
     assert figures["truncation_rate"] > 0.5  # 6 new tokens of a random model rarely stop
+    assert sum(figures["verdicts"].values()) == 4
     protocol = metrics["protocol"]
     assert (protocol["temperature"], protocol["top_p"], protocol["max_tokens"], protocol["system_prompt"]) == (0.6, 0.95, 6, None)
     assert protocol["benchmarks"]["gsm8k"]["k"] == 2 and protocol["benchmarks"]["gsm8k"]["limit"] == 2
     environment = metrics["environment"]
     assert environment["engine"] == "hf" and environment["engine_version"] and environment["versions"]["torch"]
-    assert environment["versions"]["transformers"] and environment["gpus_used"] == 0 and environment["batch_size"] == 4
+    assert environment["versions"]["transformers"] and environment["gpus_used"] == 0 and environment["batch_size"] == 8
+    assert environment["resolved_dtype"] == "torch.float32"
     assert metrics["cpu_hours"] > 0 and metrics["gpu_hours"] == 0 and metrics["generation_wall_time_s"] > 0
     assert json.loads((out / "metrics.json").read_text())["benchmarks"] == metrics["benchmarks"]
 
-    # rescore: the same verdicts and figures, nothing generated
+    # rescore (command line): the same verdicts and figures, nothing generated
     before = samples_path(out, "math500").read_bytes()
-    rescored = run(EvalConfig(rescore=out, verifier_workers=1))
+    code, _, err = run_cli("eval", "--rescore", str(out), "verifier_workers=1")
+    assert code == 0 and "0 verdict(s) changed" in err, err
+    rescored = json.loads((out / "metrics.json").read_text())
     assert rescored["benchmarks"] == metrics["benchmarks"] and rescored["rescored"]["verdicts_changed"] == 0
     assert samples_path(out, "math500").read_bytes() == before
+
+    # the protocol is locked on resume (refused before any model loads)
+    with pytest.raises(ConfigError, match=r"temperature: 0\.6 -> 1\.0"):
+        run(tiny_eval(tiny_qwen, out, temperature=1.0))
 
     # crash: the last record of one file torn in half; the same command redoes only that sample
     path = samples_path(out, "gsm8k")
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     lost = json.loads(lines[-1])
-    resumed = run(tiny_eval(tiny_qwen, out))
+    code, _, err = run_cli("eval", "--model", str(tiny_qwen), "--benchmarks", "math500,gsm8k", "--engine", "hf", "--k", "2",
+                           "--max-tokens", "6", "--limit", "2", "--data-dir", str(shared_path("eval")), "--out", str(out),
+                           "hf.batch_size=8", "verifier_workers=1")
+    assert code == 0, err
+    assert "resuming: 7 of 8 samples already done" in err and "gsm8k: pass@1" in err
     records = read_traces(path).records
     assert len(records) == 4 and records[-1].key == (lost["problem_id"], lost["sample_idx"])
     assert [r.completion for r in records[:3]] == [json.loads(l)["completion"] for l in lines[:3]]
+    resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["benchmarks"]["math500"] == metrics["benchmarks"]["math500"]
     assert resumed["environment"]["sessions"] == 2
 
-    # the protocol is locked on resume
-    with pytest.raises(ConfigError, match=r"temperature: 0\.6 -> 1\.0"):
-        run(tiny_eval(tiny_qwen, out, temperature=1.0))
 
-
-def test_eval_cli(tiny_qwen, tmp_path, run_cli):
-    out = tmp_path / "cli"
-    code, _, err = run_cli("eval", "--model", str(tiny_qwen), "--benchmarks", "aime24", "--engine", "hf", "--k", "1",
-                           "--max-tokens", "4", "--limit", "1", "--data-dir", str(shared_path("eval")), "--out", str(out),
-                           "verifier_workers=1")
-    assert code == 0, err
-    assert "aime24: pass@1" in err
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["benchmarks"]["aime24"]["samples"] == 1 and metrics["protocol"]["benchmarks"]["aime24"]["k"] == 1
-    code, _, err = run_cli("eval", "--rescore", str(out))
-    assert code == 0 and "0 verdict(s) changed" in err
+def test_eval_cli_errors(tmp_path, run_cli):
     code, _, err = run_cli("eval", "--benchmarks", "aime24", "--out", str(tmp_path / "x"))
     assert code == 2 and "--model" in err and "Traceback" not in err
+    code, _, err = run_cli("eval", "--model", "m", "--benchmarks", "aime26", "--out", str(tmp_path / "x"))
+    assert code == 2 and "neither a benchmark" in err
+    code, _, err = run_cli("eval", "--rescore", str(tmp_path))
+    assert code == 2 and "protocol.json: not found" in err
