@@ -402,7 +402,7 @@ def compute_metrics(run_path: str | Path, protocol: Mapping[str, Any]) -> dict[s
     figures = {}
     for name, spec in protocol["benchmarks"].items():
         samples = read_samples(run_path, name, spec["problem_ids"])
-        figures[name] = benchmark_metrics(samples, k=spec["k"], seed=protocol.get("seed", 0))
+        figures[name] = benchmark_metrics(samples, k=spec["k"], seed=protocol.get("seed", 0), expected_problems=spec["problems"])
     public = {**protocol, "benchmarks": {n: {k: v for k, v in b.items() if k != "problem_ids"} for n, b in protocol["benchmarks"].items()}}
     return {"protocol": public, "benchmarks": figures}
 

@@ -183,8 +183,9 @@ def per_problem_scores(samples: Iterable[Sample]) -> dict[str, dict[str, float]]
     return scores
 
 
-def benchmark_metrics(samples: Sequence[Sample], k: int, seed: int = 0) -> dict[str, Any]:
-    """Every figure of one benchmark, from its graded samples (k per problem when complete)."""
+def benchmark_metrics(samples: Sequence[Sample], k: int, seed: int = 0, expected_problems: int | None = None) -> dict[str, Any]:
+    """Every figure of one benchmark, from its graded samples (k per problem when complete).
+    Problems without any sample are not scored; `complete` says whether all were."""
     scores = per_problem_scores(samples)
     if not scores:
         return {"problems": 0, "samples": 0, "k": k, "complete": False}
@@ -199,7 +200,7 @@ def benchmark_metrics(samples: Sequence[Sample], k: int, seed: int = 0) -> dict[
         "problems": len(scores),
         "samples": len(samples),
         "k": k,
-        "complete": all(int(s["n"]) >= k for s in scores.values()),
+        "complete": all(int(s["n"]) >= k for s in scores.values()) and len(scores) >= (expected_problems or 0),
         "pass@1": float(np.mean(pass1)),
         "pass@1_se": standard_error(pass1),
         "pass@1_ci95": list(bootstrap_ci(pass1, seed=seed)),

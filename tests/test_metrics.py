@@ -109,6 +109,8 @@ def test_benchmark_metrics_from_samples():
     ]
     metrics = benchmark_metrics(samples, k=4)
     assert metrics["problems"] == 2 and metrics["complete"]
+    assert not benchmark_metrics(samples, k=4, expected_problems=3)["complete"]  # a problem never sampled
+    assert not benchmark_metrics(samples[:-1], k=4)["complete"]
     assert metrics["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert metrics["cons@k"] == pytest.approx((1.0 + 1 / 3) / 2)  # b: three-way tie 9/8/5, one right
     assert metrics["pass_at"]["2"] == pytest.approx((brute_pass_at_k(4, 2, 2) + brute_pass_at_k(4, 1, 2)) / 2)
