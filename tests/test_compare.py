@@ -100,7 +100,7 @@ def test_compare_three_runs(three_runs):
         assert len(data) > 5000 and data[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_protocol_mismatch_is_refused_unless_allowed(three_runs):
+def test_protocol_mismatch_is_refused_unless_allowed(three_runs, run_cli):
     root, base, sft, _ = three_runs
     hot = make_eval_run(root / "eval-hot", "Qwen/base", 0.2, temperature=1.0, k=8, seed=4)
     short = make_eval_run(root / "eval-short", "Qwen/base", 0.2, max_tokens=1024, seed=5)
@@ -112,7 +112,9 @@ def test_protocol_mismatch_is_refused_unless_allowed(three_runs):
     assert "--allow-protocol-mismatch" in message and "\n" not in message
     assert not (root / "refused" / "report.md").exists()
 
-    summary = run(CompareConfig(runs=(base, hot, sft), out=root / "allowed", allow_protocol_mismatch=True))
+    code, _, err = run_cli("compare", str(base), str(hot), str(sft), "--allow-protocol-mismatch", "--out", str(root / "allowed"))
+    assert code == 0, err
+    summary = json.loads((root / "allowed" / "metrics.json").read_text())
     assert {m["setting"] for m in summary["mismatches"]} == {"k", "temperature"}
     assert all(row["benchmarks"]["toy"]["mismatch"] for row in summary["rows"])
     report = (root / "allowed" / "report.md").read_text()
