@@ -68,7 +68,7 @@ from distill.teacher.prompts import R1_INSTRUCTION
 SAMPLES_DIR = "samples"
 PROTOCOL_FILE = "protocol.json"
 # Settings that define what a run directory's samples mean: a resume must not change them.
-LOCKED = ("model", "engine", "k", "max_tokens", "temperature", "top_p", "system_prompt", "instruction", "seed", "chat_template")
+LOCKED = ("model", "engine", "max_tokens", "temperature", "top_p", "system_prompt", "instruction", "seed", "chat_template")
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,9 @@ def run(cfg: EvalConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
 
     # ---- benchmarks and the protocol -----------------------------------------------------------
     benchmarks = load_benchmarks(list(cfg.benchmarks), data_dir=cfg.data_dir, limit=cfg.limit)
-    run_dir = RunDir(cfg.out, "eval", cfg, sources, locked=LOCKED)
     protocol = protocol_of(cfg, benchmarks)
+    _check_k_unchanged(Path(cfg.out), protocol)  # k is locked per benchmark (a default k may be spelled out)
+    run_dir = RunDir(cfg.out, "eval", cfg, sources, locked=LOCKED)
     write_json(run_dir.file(PROTOCOL_FILE), protocol)
     run_dir.say(f"eval {cfg.model} on {', '.join(f'{b.name} ({len(b.problems)} x k={protocol_k(cfg, b)})' for b in benchmarks)} -> {run_dir.path}")
 
@@ -282,6 +283,19 @@ def protocol_of(cfg: EvalConfig, benchmarks: list[Benchmark]) -> dict[str, Any]:
             for b in benchmarks
         },
     }
+
+
+def _check_k_unchanged(run_path: Path, protocol: Mapping[str, Any]) -> None:
+    if not (run_path / PROTOCOL_FILE).is_file():
+        return
+    before = read_protocol(run_path)["benchmarks"]
+    changed = [f"{name}: k {before[name]['k']} -> {spec['k']}" for name, spec in protocol["benchmarks"].items()
+               if name in before and before[name]["k"] != spec["k"]]
+    if changed:
+        raise ConfigError(
+            f"{run_path}: this run directory was made with other settings ({'; '.join(changed)}); "
+            "use a new --out directory, or the original settings to resume"
+        )
 
 
 def environment_of(cfg: EvalConfig, engine: Any) -> dict[str, Any]:

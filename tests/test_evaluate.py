@@ -65,6 +65,8 @@ def test_eval_end_to_end_resume_and_rescore(tiny_qwen, tmp_path, run_cli):
     # the protocol is locked on resume (refused before any model loads)
     with pytest.raises(ConfigError, match=r"temperature: 0\.6 -> 1\.0"):
         run(tiny_eval(tiny_qwen, out, temperature=1.0))
+    with pytest.raises(ConfigError, match=r"gsm8k: k 2 -> 1"):
+        run(tiny_eval(tiny_qwen, out, k=None))  # GSM8K's default k is 1
 
     # crash: the last record of one file torn in half; the same command redoes only that sample
     path = samples_path(out, "gsm8k")
