@@ -110,23 +110,57 @@ def grpo(ctx: typer.Context) -> None:
 
 
 @app.command(name="eval", context_settings=_PASS_THROUGH)
-def eval_(ctx: typer.Context) -> None:
+def eval_(
+    model: Optional[str] = typer.Option(None, "--model", help="Model to evaluate: a hub id or a model directory."),
+    benchmarks: Optional[str] = typer.Option(None, "--benchmarks", help="Comma-separated: gsm8k, math500, aime24, aime25, amc23, or JSONL files (NAME=FILE)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (an interrupted eval resumes in it)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="vllm | openai | hf."),
+    k: Optional[int] = typer.Option(None, "--k", help="Samples per problem (default per benchmark: AIME 64, AMC 32, MATH-500 4, GSM8K 1)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Maximum new tokens per sample (default 32768)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local benchmark copies (../shared/data/eval layout)."),
+    rescore: Optional[Path] = typer.Option(None, "--rescore", help="Re-grade the stored generations of this run directory; generate nothing."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Evaluate a model on math benchmarks under one locked, recorded protocol.
 
     Reads a model and benchmarks (gsm8k, math500, aime24, aime25, amc23 or a JSONL); writes every
     generation and verdict (JSONL) and metrics.json with pass@1, cons@k, pass@k and 95% CIs.
     """
-    _not_built("eval", 6)
+    from distill.config import load_config
+    from distill.evaluate import EvalConfig, run
+
+    names = tuple(b.strip() for b in benchmarks.split(",") if b.strip()) if benchmarks is not None else None
+    flags = dict(model=model, benchmarks=names, out=out, engine=engine, k=k, max_tokens=max_tokens, limit=limit,
+                 data_dir=data_dir, rescore=rescore)
+    loaded = load_config(EvalConfig, recipe=recipe, flags=flags, overrides=overrides or [])
+    run(loaded.config, loaded.sources)
 
 
 @app.command(context_settings=_PASS_THROUGH)
-def compare(ctx: typer.Context) -> None:
+def compare(
+    runs: Optional[List[str]] = typer.Argument(None, help="Eval run directories (and train/grpo/generate ones), then key=value overrides.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The eval run the others are compared to (default: the first)."),
+    allow_protocol_mismatch: bool = typer.Option(False, "--allow-protocol-mismatch", help="Compare runs evaluated under different protocols; the table marks them."),
+    recipe: Optional[Path] = RECIPE,
+) -> None:
     """Compare base, distilled and RL-only runs: table with CIs and significance, cost, lengths, plots.
 
     Reads eval/train/grpo/generate run directories (their files only); writes report.md,
     report.csv and PNG plots into REPORT_DIR.
     """
-    _not_built("compare", 6)
+    from distill.compare import CompareConfig, run
+    from distill.config import load_config
+
+    # A trailing key=value is an override unless a directory of that name exists.
+    items = runs or []
+    overrides = [item for item in items if "=" in item and not Path(item).exists()]
+    paths = tuple(Path(item) for item in items if item not in overrides) or None
+    flags = dict(runs=paths, out=out, baseline=baseline, allow_protocol_mismatch=allow_protocol_mismatch or None)
+    loaded = load_config(CompareConfig, recipe=recipe, flags=flags, overrides=overrides)
+    run(loaded.config, loaded.sources)
 
 
 @app.command()

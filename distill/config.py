@@ -338,6 +338,8 @@ def _convert(value: Any, kind: Any) -> Any:
 STAGE_CONFIGS: dict[str, str] = {
     "generate": "distill.teacher.generate:GenerateConfig",
     "filter": "distill.teacher.filter:FilterConfig",
+    "eval": "distill.evaluate:EvalConfig",
+    "compare": "distill.compare:CompareConfig",
 }
 
 
