@@ -34,24 +34,59 @@ def _not_built(command: str, issue: int) -> None:
     raise DistillError(f"`distill {command}` is not built yet (tracked in issue #{issue}); nothing was run")
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def generate(ctx: typer.Context) -> None:
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher: hub id or path (hf, vllm) or the served model name (openai)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Problems: JSONL/Parquet/CSV, a preset (math500, gsm8k, openr1-math, ...) or a hub dataset org/name, org/name:config@split."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (rerun the same command to resume)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="vllm, openai or hf (default: vllm)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Samples per problem (default: 4)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Max new tokens per sample (default: 32768)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; 0 = greedy (default: 0.6)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: 0.95)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed; each sample's seed derives from it (default: 0)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N (0-based): this machine's share of the problems."),
+    on_bad_row: Optional[str] = typer.Option(None, "--on-bad-row", help="error or skip (default: error)."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Sample long chain-of-thought traces from a teacher for a set of problems.
 
     Reads problems (JSONL/Parquet/CSV or a hub dataset); writes RUN_DIR/traces*.jsonl
     (append-only, resumable), config.yaml, metrics.jsonl and metrics.json.
     """
-    _not_built("generate", 3)
+    from distill.config import load_config
+    from distill.teacher.generate import GenerateConfig, run
+
+    flags = dict(model=model, data=data, out=out, engine=engine, n=n, max_tokens=max_tokens, temperature=temperature,
+                 top_p=top_p, seed=seed, shard=shard, on_bad_row=on_bad_row)
+    loaded = load_config(GenerateConfig, recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    typer.echo(f"{metrics['samples']} samples in {Path(loaded.config.out) / metrics['trace_file']} "
+               f"({metrics['problems_complete']}/{metrics['problems']} problems complete)")
 
 
 @app.command(name="filter", context_settings=_PASS_THROUGH)
-def filter_(ctx: typer.Context) -> None:
+def filter_(
+    traces: Optional[Path] = typer.Option(None, "--in", "--traces", help="A generate run directory, or a JSONL/Parquet with problem, answer, completion."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student preset or tokenizer (dir or hub id): reject conversations longer than its max_seq_len."),
+    on_bad_row: Optional[str] = typer.Option(None, "--on-bad-row", help="error (default) or skip: count malformed rows and go on."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Keep the traces worth learning from: verified correct, well formed, not truncated, one language, no loops, not contaminated.
 
     Reads a generate run directory or any JSONL/Parquet with problem, answer, completion; writes
     RUN_DIR/accepted.parquet, rejected.parquet, stats.json, report.md and plots.
     """
-    _not_built("filter", 4)
+    from distill.config import load_config
+    from distill.teacher.filter import FilterConfig, run
+
+    flags = {"traces": traces, "out": out, "student": student, "on_bad_row": on_bad_row}
+    loaded = load_config(FilterConfig, recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    typer.echo(f"accepted {metrics['accepted']}/{metrics['rows']} traces -> {loaded.config.out / 'accepted.parquet'}")
 
 
 @app.command(context_settings=_PASS_THROUGH)
@@ -75,23 +110,57 @@ def grpo(ctx: typer.Context) -> None:
 
 
 @app.command(name="eval", context_settings=_PASS_THROUGH)
-def eval_(ctx: typer.Context) -> None:
+def eval_(
+    model: Optional[str] = typer.Option(None, "--model", help="Model to evaluate: a hub id or a model directory."),
+    benchmarks: Optional[str] = typer.Option(None, "--benchmarks", help="Comma-separated: gsm8k, math500, aime24, aime25, amc23, or JSONL files (NAME=FILE)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (an interrupted eval resumes in it)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="vllm | openai | hf."),
+    k: Optional[int] = typer.Option(None, "--k", help="Samples per problem (default per benchmark: AIME 64, AMC 32, MATH-500 4, GSM8K 1)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Maximum new tokens per sample (default 32768)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local benchmark copies (../shared/data/eval layout)."),
+    rescore: Optional[Path] = typer.Option(None, "--rescore", help="Re-grade the stored generations of this run directory; generate nothing."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Evaluate a model on math benchmarks under one locked, recorded protocol.
 
     Reads a model and benchmarks (gsm8k, math500, aime24, aime25, amc23 or a JSONL); writes every
     generation and verdict (JSONL) and metrics.json with pass@1, cons@k, pass@k and 95% CIs.
     """
-    _not_built("eval", 6)
+    from distill.config import load_config
+    from distill.evaluate import EvalConfig, run
+
+    names = tuple(b.strip() for b in benchmarks.split(",") if b.strip()) if benchmarks is not None else None
+    flags = dict(model=model, benchmarks=names, out=out, engine=engine, k=k, max_tokens=max_tokens, limit=limit,
+                 data_dir=data_dir, rescore=rescore)
+    loaded = load_config(EvalConfig, recipe=recipe, flags=flags, overrides=overrides or [])
+    run(loaded.config, loaded.sources)
 
 
 @app.command(context_settings=_PASS_THROUGH)
-def compare(ctx: typer.Context) -> None:
+def compare(
+    runs: Optional[List[str]] = typer.Argument(None, help="Eval run directories (and train/grpo/generate ones), then key=value overrides.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The eval run the others are compared to (default: the first)."),
+    allow_protocol_mismatch: bool = typer.Option(False, "--allow-protocol-mismatch", help="Compare runs evaluated under different protocols; the table marks them."),
+    recipe: Optional[Path] = RECIPE,
+) -> None:
     """Compare base, distilled and RL-only runs: table with CIs and significance, cost, lengths, plots.
 
     Reads eval/train/grpo/generate run directories (their files only); writes report.md,
     report.csv and PNG plots into REPORT_DIR.
     """
-    _not_built("compare", 6)
+    from distill.compare import CompareConfig, run
+    from distill.config import load_config
+
+    # A trailing key=value is an override unless a directory of that name exists.
+    items = runs or []
+    overrides = [item for item in items if "=" in item and not Path(item).exists()]
+    paths = tuple(Path(item) for item in items if item not in overrides) or None
+    flags = dict(runs=paths, out=out, baseline=baseline, allow_protocol_mismatch=allow_protocol_mismatch or None)
+    loaded = load_config(CompareConfig, recipe=recipe, flags=flags, overrides=overrides)
+    run(loaded.config, loaded.sources)
 
 
 @app.command()

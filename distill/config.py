@@ -336,7 +336,10 @@ def _convert(value: Any, kind: Any) -> Any:
 # the stages' config classes, for recipe checking (each stage module owns its dataclass)
 
 STAGE_CONFIGS: dict[str, str] = {
-    # "generate": "distill.teacher.generate:GenerateConfig",  (one line per stage, as stages land)
+    "generate": "distill.teacher.generate:GenerateConfig",
+    "filter": "distill.teacher.filter:FilterConfig",
+    "eval": "distill.evaluate:EvalConfig",
+    "compare": "distill.compare:CompareConfig",
 }
 
 

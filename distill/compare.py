@@ -1,0 +1,539 @@
+"""`distill compare`: base vs distilled vs RL-only, from their run directories' files alone.
+
+    distill compare runs/eval-base runs/eval-sft runs/eval-grpo --baseline runs/eval-base --out runs/report
+
+Writes into REPORT_DIR:
+    report.md     one row per model, one column group per benchmark: pass@1 with its 95% CI,
+                  cons@k, the difference to the baseline with a paired significance test over
+                  problems; then training cost (GPU- or CPU-hours, training tokens, teacher tokens
+                  generated) and mean response length; the protocol and each run's environment
+    report.csv    the same figures, one row per model, flat columns
+    accuracy.png  pass@1 per benchmark with 95% CI error bars
+    lengths.png   response-length distributions (tokens) per benchmark and model
+    compute.png   pass@1 against training compute (hours to produce the model)
+    config.yaml, metrics.json (the table as data), compare.log
+
+What is read, and from where (no stage's code is called; only files):
+- eval runs (`distill eval` run directories): metrics.json, protocol.json, samples/*.jsonl
+  (per-problem scores for the paired test, lengths for the plot), config.yaml (the model).
+- cost: the runs an evaluated model came from are found by following paths in config files:
+  the eval's `model` lies in (or is) a train/grpo run directory; that run's config names its
+  data, which lies in a filter or generate run directory, and so on. Run directories given on the
+  command line that are not evaluations are linked the same way (and reported if unlinked).
+  From their metrics.json: `gpu_hours` / `cpu_hours` (else `wall_time_s`, shown as wall hours),
+  training tokens (`train_tokens`), teacher tokens generated (`completion_tokens`); the other
+  spellings listed in COST_KEYS are accepted too.
+
+The protocol check: runs whose protocol differs on a shared benchmark (k, temperature, top_p,
+max tokens, prompt: system prompt and instruction, or the problem set: `--limit`) are refused,
+naming the difference, unless `allow_protocol_mismatch`; then the cells are marked and the
+paired test uses the problems both runs scored.
+
+Statistics (`distill.metrics`): the paired test is a sign-flip permutation test on per-problem
+pass@1 differences (two-sided), with a paired bootstrap 95% CI of the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from distill.errors import ConfigError, InputError
+from distill.evaluate import PROTOCOL_FILE, read_protocol, read_samples
+from distill.metrics import Sample, paired_test, per_problem_scores
+from distill.rundir import CONFIG_FILE, METRICS_FILE, RunDir
+
+# Keys read from the metrics.json of train / grpo / generate runs, first found wins.
+COST_KEYS = {
+    "gpu_hours": ("gpu_hours",),
+    "cpu_hours": ("cpu_hours",),
+    "train_tokens": ("train_tokens", "tokens_trained", "trained_tokens", "tokens_seen"),
+    "teacher_tokens": ("completion_tokens", "generated_tokens", "teacher_tokens", "tokens_generated"),
+}
+TRAINING_STAGES = ("train", "grpo")
+PROTOCOL_KEYS = ("k", "temperature", "top_p", "max_tokens", "prompt", "problem_set")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    runs: tuple[Path, ...] = ()  # eval run directories (rows), and optionally train/grpo/generate runs
+    out: Path | None = None  # the report directory
+    baseline: Path | None = None  # the eval run the others are compared to; default: the first
+    allow_protocol_mismatch: bool = False  # put runs with different protocols side by side, marked
+    benchmarks: tuple[str, ...] | None = None  # only these; default: every benchmark of the runs
+    seed: int = 0  # of the bootstrap and permutation draws
+
+
+@dataclass
+class Row:
+    """One evaluated model and what it cost."""
+
+    path: Path
+    label: str
+    model: str
+    metrics: dict[str, Any]
+    protocol: dict[str, Any]
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # benchmark -> graded samples (protocol's problems)
+    lineage: dict[str, list[Path]] = field(default_factory=dict)  # stage -> run dirs it came from
+    cost: dict[str, float | None] = field(default_factory=dict)
+
+
+def run(cfg: CompareConfig, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+    if not cfg.runs:
+        raise ConfigError("no run directories to compare: pass RUN_DIR... (eval run directories)")
+    if cfg.out is None:
+        raise ConfigError("missing required value 'out': pass --out REPORT_DIR")
+
+    # ---- read the runs ----------------------------------------------------------------------------
+    paths = [Path(p) for p in cfg.runs]
+    if cfg.baseline is not None and Path(cfg.baseline).resolve() not in [p.resolve() for p in paths]:
+        paths.insert(0, Path(cfg.baseline))
+    for path in paths:
+        if not path.is_dir():
+            raise InputError(f"{path}: not a directory; pass run directories made by distill")
+    eval_paths = [p for p in paths if (p / PROTOCOL_FILE).is_file()]
+    other_paths = [p for p in paths if p not in eval_paths]
+    if not eval_paths:
+        raise InputError(f"none of {', '.join(map(str, paths))} is a `distill eval` run directory (no {PROTOCOL_FILE})")
+    rows = [_read_row(path) for path in eval_paths]
+    _unique_labels(rows)
+    baseline = rows[0] if cfg.baseline is None else next(r for r in rows if r.path.resolve() == Path(cfg.baseline).resolve())
+
+    # ---- cost, by following the runs' config files --------------------------------------------------
+    unlinked = []
+    for row in rows:
+        row.lineage = lineage(row.path)
+        row.cost = cost_of(row.lineage)
+    linked = {p.resolve() for row in rows for ps in row.lineage.values() for p in ps}
+    for path in other_paths:
+        if not (path / METRICS_FILE).is_file():
+            raise InputError(f"{path}: neither an eval run ({PROTOCOL_FILE}) nor a finished run directory ({METRICS_FILE})")
+        if path.resolve() not in linked:
+            unlinked.append(path)
+
+    # ---- the protocol check ---------------------------------------------------------------------------
+    benchmarks = list(cfg.benchmarks) if cfg.benchmarks else _benchmarks_of(rows)
+    mismatches = protocol_mismatches(rows, benchmarks)
+    if mismatches and not cfg.allow_protocol_mismatch:
+        raise ConfigError(
+            "the runs were evaluated under different protocols: " + "; ".join(m["text"] for m in mismatches)
+            + ". Evaluate them under one protocol, or pass --allow-protocol-mismatch to compare anyway (the table marks it)"
+        )
+    marked = {(m["benchmark"], label) for m in mismatches for label in m["labels"]}
+
+    # ---- figures per row and benchmark -------------------------------------------------------------
+    table = []
+    for row in rows:
+        entry: dict[str, Any] = {"label": row.label, "run": str(row.path), "model": row.model, "benchmarks": {}, "cost": row.cost}
+        for name in benchmarks:
+            figures = row.metrics.get("benchmarks", {}).get(name)
+            if figures is None:
+                continue
+            cell = {key: figures.get(key) for key in ("pass@1", "pass@1_ci95", "pass@1_se", "cons@k", "k", "pass@k", "response_tokens_mean", "truncation_rate", "format_failure_rate", "problems")}
+            cell["mismatch"] = (name, row.label) in marked
+            if row is not baseline and name in baseline.metrics.get("benchmarks", {}):
+                cell["vs_baseline"] = _paired(row, baseline, name, cfg.seed)
+            entry["benchmarks"][name] = cell
+        lengths = [l for name in benchmarks for l in _lengths(row, name)]
+        entry["response_tokens_mean"] = sum(lengths) / len(lengths) if lengths else None
+        table.append(entry)
+
+    # ---- write the report ------------------------------------------------------------------------------
+    out = RunDir(cfg.out, "compare", cfg, sources)
+    _write_markdown(out.file("report.md"), table, rows, benchmarks, baseline, mismatches, unlinked)
+    _write_csv(out.file("report.csv"), table, benchmarks)
+    plots = write_plots(out.path, table, rows, benchmarks)
+    summary = {"baseline": baseline.label, "benchmarks": benchmarks, "rows": table, "mismatches": mismatches,
+               "unlinked_runs": [str(p) for p in unlinked], "plots": plots}
+    out.write_metrics(summary)
+    out.say(f"compared {len(rows)} runs on {', '.join(benchmarks)} -> {out.file('report.md')}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_row(path: Path) -> Row:
+    metrics_path = path / METRICS_FILE
+    if not metrics_path.is_file():
+        raise InputError(f"{metrics_path}: not found; the eval in {path} has not finished (run the same `distill eval` again to resume it)")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    config = _read_yaml(path / CONFIG_FILE)
+    protocol = read_protocol(path)
+    samples = {name: read_samples(path, name, spec["problem_ids"]) for name, spec in protocol.get("benchmarks", {}).items()}
+    return Row(path=path, label=config.get("name") or path.name, model=str(config.get("model") or "?"), metrics=metrics,
+               protocol=protocol, samples=samples)
+
+
+def _unique_labels(rows: list[Row]) -> None:
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row.label in seen:
+            row.label = f"{row.path.parent.name}/{row.path.name}" if row.path.parent.name else f"{row.label}-{seen[row.label]}"
+        seen[row.label] = seen.get(row.label, 0) + 1
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _benchmarks_of(rows: list[Row]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in row.metrics.get("benchmarks", {}) if n not in names]
+    return names
+
+
+def run_dir_of(path: Path, depth: int = 3) -> Path | None:
+    """The distill run directory holding `path` (itself or one of its parents): the first with
+    both config.yaml and metrics.json."""
+    path = Path(path)
+    for candidate in [path, *list(path.parents)[:depth]]:
+        if (candidate / CONFIG_FILE).is_file() and (candidate / METRICS_FILE).is_file():
+            return candidate
+    return None
+
+
+def _stage_of(run_path: Path) -> str | None:
+    try:
+        return json.loads((run_path / METRICS_FILE).read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError):
+        return None
+
+
+def lineage(eval_path: Path) -> dict[str, list[Path]]:
+    """The run directories an evaluated model came from, by stage, found by following every
+    path-valued string in each run's config.yaml (the model, the data, the traces)."""
+    found: dict[str, list[Path]] = {}
+    seen = {eval_path.resolve()}
+    frontier = [eval_path]
+    while frontier:
+        current = frontier.pop()
+        for value in _strings(_read_yaml(current / CONFIG_FILE)):
+            for candidate in (Path(value), current.parent / value):
+                try:
+                    exists = candidate.exists()
+                except OSError:
+                    exists = False
+                if not exists:
+                    continue
+                origin = run_dir_of(candidate)
+                if origin is None or origin.resolve() in seen:
+                    break
+                seen.add(origin.resolve())
+                stage = _stage_of(origin)
+                if stage and stage not in ("eval", "compare"):
+                    found.setdefault(stage, []).append(origin)
+                    frontier.append(origin)
+                break
+    return found
+
+
+def _strings(data: Any) -> list[str]:
+    if isinstance(data, str):
+        return [data] if data and len(data) < 4096 and "\n" not in data else []
+    if isinstance(data, Mapping):
+        return [s for value in data.values() for s in _strings(value)]
+    if isinstance(data, list):
+        return [s for value in data for s in _strings(value)]
+    return []
+
+
+def _first(metrics: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
+    for scope in (metrics, metrics.get("cost") if isinstance(metrics.get("cost"), Mapping) else {}):
+        for key in keys:
+            value = scope.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return None
+
+
+def cost_of(found: Mapping[str, list[Path]]) -> dict[str, float | None]:
+    """Hours and tokens it took to make the model: teacher generation plus training (SFT or RL).
+    None where no run of that kind was found (a base model costs nothing here)."""
+    cost: dict[str, float | None] = {"gpu_hours": None, "cpu_hours": None, "wall_hours": None, "train_tokens": None, "teacher_tokens": None}
+
+    def add(key: str, value: float | None) -> None:
+        if value is not None:
+            cost[key] = (cost[key] or 0.0) + value
+
+    for stage, paths in found.items():
+        for path in paths:
+            metrics = json.loads((path / METRICS_FILE).read_text(encoding="utf-8"))
+            gpu, cpu = _first(metrics, COST_KEYS["gpu_hours"]), _first(metrics, COST_KEYS["cpu_hours"])
+            add("gpu_hours", gpu)
+            add("cpu_hours", cpu)
+            if gpu is None and cpu is None and isinstance(metrics.get("wall_time_s"), (int, float)):
+                add("wall_hours", metrics["wall_time_s"] / 3600)
+            if stage in TRAINING_STAGES:
+                add("train_tokens", _first(metrics, COST_KEYS["train_tokens"]))
+            if stage == "generate":
+                add("teacher_tokens", _first(metrics, COST_KEYS["teacher_tokens"]))
+    return cost
+
+
+def compute_hours(cost: Mapping[str, float | None]) -> float:
+    """The x of the accuracy-vs-compute plot: every hour spent, whatever the device."""
+    return sum(v or 0.0 for k, v in cost.items() if k in ("gpu_hours", "cpu_hours", "wall_hours"))
+
+
+# --------------------------------------------------------------------------------------------
+# protocol and statistics
+
+
+def _protocol_values(row: Row, name: str) -> dict[str, Any] | None:
+    bench = row.protocol.get("benchmarks", {}).get(name)
+    if bench is None:
+        return None
+    return {
+        "k": bench.get("k"),
+        "temperature": row.protocol.get("temperature"),
+        "top_p": row.protocol.get("top_p"),
+        "max_tokens": row.protocol.get("max_tokens"),
+        "prompt": (row.protocol.get("system_prompt"), row.protocol.get("instruction")),
+        "problem_set": bench.get("problem_set"),
+    }
+
+
+def protocol_mismatches(rows: list[Row], benchmarks: list[str]) -> list[dict[str, Any]]:
+    """One entry per (benchmark, setting) on which the runs that share the benchmark differ."""
+    mismatches = []
+    for name in benchmarks:
+        values = [(row, v) for row in rows if (v := _protocol_values(row, name)) is not None]
+        for key in PROTOCOL_KEYS:
+            distinct = {json.dumps(v[key]) for _, v in values}
+            if len(distinct) > 1:
+                shown = ", ".join(f"{row.label}={_show(key, v[key])}" for row, v in values)
+                mismatches.append({"benchmark": name, "setting": key, "labels": [row.label for row, _ in values],
+                                   "text": f"{name}: {key} differs ({shown})"})
+    return mismatches
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "prompt":
+        system, instruction = value
+        return json.dumps({"system": system, "instruction": instruction})[:80]
+    return str(value)
+
+
+def _paired(row: Row, baseline: Row, name: str, seed: int) -> dict[str, Any]:
+    """Per-problem pass@1 of both runs on the problems both scored, and the paired test."""
+    scored = set(row.protocol["benchmarks"].get(name, {}).get("problem_ids", []))
+    ids = [pid for pid in baseline.protocol["benchmarks"][name]["problem_ids"] if pid in scored]
+    shared = set(ids)
+    mine = per_problem_scores(s for s in row.samples.get(name, []) if s.problem_id in shared)
+    theirs = per_problem_scores(s for s in baseline.samples.get(name, []) if s.problem_id in shared)
+    common = [pid for pid in ids if pid in mine and pid in theirs]
+    if not common:
+        return {"difference": None, "p_value": None, "problems": 0}
+    return paired_test([mine[p]["pass@1"] for p in common], [theirs[p]["pass@1"] for p in common], seed=seed)
+
+
+def _lengths(row: Row, name: str) -> list[int]:
+    return [s.completion_tokens for s in row.samples.get(name, [])]
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.{digits}f}M"
+    if abs(value) >= 1e3:
+        return f"{value / 1e3:.{digits}f}k"
+    return f"{value:.{digits}f}"
+
+
+def _hours_text(cost: Mapping[str, float | None]) -> str:
+    parts = []
+    if cost.get("gpu_hours"):
+        parts.append(f"{_number(cost['gpu_hours'])} GPU-h")
+    if cost.get("cpu_hours"):
+        parts.append(f"{_number(cost['cpu_hours'], 3)} CPU-h")
+    if cost.get("wall_hours"):
+        parts.append(f"{_number(cost['wall_hours'], 3)} h (wall)")
+    return ", ".join(parts) or "—"
+
+
+def _significance(test: Mapping[str, Any] | None) -> str:
+    if not test or test.get("difference") is None:
+        return "—"
+    stars = "**" if test["p_value"] < 0.01 else "*" if test["p_value"] < 0.05 else ""
+    return f"{100 * test['difference']:+.1f} (p={test['p_value']:.3g}){stars}"
+
+
+def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Row, mismatches, unlinked) -> None:
+    header = ["model"]
+    for name in benchmarks:
+        header += [f"{name} pass@1 [95% CI]", f"{name} cons@k", f"{name} Δ vs {baseline.label}"]
+    header += ["training compute", "train tokens", "teacher tokens", "mean response tokens"]
+    lines = [
+        "# distill compare",
+        "",
+        f"Baseline: **{baseline.label}** ({baseline.model}). pass@1 and cons@k in percent; Δ is the difference",
+        "of pass@1 to the baseline in points with the p-value of a paired sign-flip permutation test over",
+        "problems (* p<0.05, ** p<0.01). † marks a cell whose protocol differs from another run's.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for entry in table:
+        cells = [entry["label"]]
+        for name in benchmarks:
+            cell = entry["benchmarks"].get(name)
+            if cell is None:
+                cells += ["—", "—", "—"]
+                continue
+            mark = " †" if cell["mismatch"] else ""
+            low, high = cell.get("pass@1_ci95") or (None, None)
+            cells.append(f"{_percent(cell['pass@1'])} [{_percent(low)}, {_percent(high)}]{mark}")
+            cells.append(f"{_percent(cell['cons@k'])} (k={cell['k']}){mark}")
+            cells.append(_significance(cell.get("vs_baseline")) if entry["label"] != baseline.label else "baseline")
+        cost = entry["cost"]
+        cells += [_hours_text(cost), _number(cost.get("train_tokens")), _number(cost.get("teacher_tokens")),
+                  _number(entry["response_tokens_mean"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![accuracy](accuracy.png)", "![response lengths](lengths.png)", "![accuracy vs compute](compute.png)", ""]
+    if mismatches:
+        lines += ["## Protocol differences (compared anyway: --allow-protocol-mismatch)", ""]
+        lines += [f"- {m['text']}" for m in mismatches] + [""]
+    lines += ["## Protocol", ""]
+    first = rows[0].protocol
+    lines += [f"- temperature {first.get('temperature')}, top-p {first.get('top_p')}, max tokens {first.get('max_tokens')}, "
+              f"system prompt {json.dumps(first.get('system_prompt'))}, instruction {json.dumps(first.get('instruction'))}"]
+    for name in benchmarks:
+        spec = next((r.protocol["benchmarks"][name] for r in rows if name in r.protocol.get("benchmarks", {})), None)
+        if spec:
+            lines.append(f"- {name}: {spec['problems']} problems, k={spec['k']}" + (f", limit {spec['limit']}" if spec.get("limit") else ""))
+    lines += ["", "## Runs", "", "| model | run | evaluated model | engine | dtype | TP | GPU | eval wall time | made from |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        env = row.metrics.get("environment", {})
+        made_from = "; ".join(f"{stage}: {', '.join(str(p) for p in paths)}" for stage, paths in row.lineage.items()) or "—"
+        engine = f"{env.get('engine', '?')} {env.get('engine_version', '')}".strip()
+        wall = row.metrics.get("generation_wall_time_s")
+        lines.append(f"| {row.label} | {row.path} | {row.model} | {engine} | {env.get('dtype', '?')} | {env.get('tensor_parallel_size', '?')} "
+                     f"| {env.get('gpu') or 'cpu'} | {_number(wall, 1) + ' s' if wall is not None else '—'} | {made_from} |")
+    if unlinked:
+        lines += ["", "Run directories given but not linked to any evaluated model (their cost is not counted): "
+                  + ", ".join(str(p) for p in unlinked)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _write_csv(path: Path, table, benchmarks) -> None:
+    columns = ["model", "run", "evaluated_model"]
+    for name in benchmarks:
+        columns += [f"{name}_{c}" for c in ("pass@1", "pass@1_ci_low", "pass@1_ci_high", "pass@1_se", "cons@k", "k", "pass@k",
+                                            "diff_vs_baseline", "diff_ci_low", "diff_ci_high", "p_value", "response_tokens_mean", "protocol_mismatch")]
+    columns += ["gpu_hours", "cpu_hours", "wall_hours", "train_tokens", "teacher_tokens", "response_tokens_mean"]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for entry in table:
+            values: dict[str, Any] = {"model": entry["label"], "run": entry["run"], "evaluated_model": entry["model"]}
+            for name in benchmarks:
+                cell = entry["benchmarks"].get(name)
+                if cell is None:
+                    continue
+                low, high = cell.get("pass@1_ci95") or (None, None)
+                test = cell.get("vs_baseline") or {}
+                values.update({
+                    f"{name}_pass@1": cell["pass@1"], f"{name}_pass@1_ci_low": low, f"{name}_pass@1_ci_high": high,
+                    f"{name}_pass@1_se": cell["pass@1_se"], f"{name}_cons@k": cell["cons@k"], f"{name}_k": cell["k"],
+                    f"{name}_pass@k": cell["pass@k"], f"{name}_diff_vs_baseline": test.get("difference"),
+                    f"{name}_diff_ci_low": (test.get("ci95") or [None, None])[0], f"{name}_diff_ci_high": (test.get("ci95") or [None, None])[1],
+                    f"{name}_p_value": test.get("p_value"), f"{name}_response_tokens_mean": cell["response_tokens_mean"],
+                    f"{name}_protocol_mismatch": cell["mismatch"],
+                })
+            values.update({k: entry["cost"].get(k) for k in ("gpu_hours", "cpu_hours", "wall_hours", "train_tokens", "teacher_tokens")})
+            values["response_tokens_mean"] = entry["response_tokens_mean"]
+            writer.writerow(values)
+
+
+def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> list[str]:
+    """accuracy.png, lengths.png, compute.png; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display
+    import matplotlib.pyplot as plt
+
+    labels = [entry["label"] for entry in table]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    # accuracy with 95% CI error bars: one group per benchmark, one bar per model
+    figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(benchmarks) * max(1, len(labels)) / 2), 4))
+    width = 0.8 / max(1, len(labels))
+    for i, entry in enumerate(table):
+        xs, ys, errors = [], [], [[], []]
+        for j, name in enumerate(benchmarks):
+            cell = entry["benchmarks"].get(name)
+            if cell is None or cell.get("pass@1") is None:
+                continue
+            low, high = cell.get("pass@1_ci95") or (cell["pass@1"], cell["pass@1"])
+            xs.append(j + (i - (len(labels) - 1) / 2) * width)
+            ys.append(100 * cell["pass@1"])
+            errors[0].append(100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"])))
+            errors[1].append(100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"]))
+        axis.bar(xs, ys, width, yerr=errors, capsize=3, label=entry["label"], color=colors[i % len(colors)])
+    axis.set_xticks(range(len(benchmarks)), benchmarks)
+    axis.set_ylabel("pass@1 (%), 95% CI")
+    axis.set_title("Accuracy per benchmark")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png", dpi=120)
+    plt.close(figure)
+
+    # response-length distributions: one panel per benchmark, one box per model
+    figure, axes = plt.subplots(1, len(benchmarks), figsize=(max(4, 3.5 * len(benchmarks)), 3.8), squeeze=False)
+    for axis, name in zip(axes[0], benchmarks):
+        data = [_lengths(row, name) for row in rows]
+        present = [(label, d) for label, d in zip(labels, data) if d]
+        if present:
+            axis.boxplot([d for _, d in present], showfliers=True)
+            axis.set_xticks(range(1, len(present) + 1), [label for label, _ in present], rotation=30, ha="right", fontsize="small")
+        axis.set_title(name)
+        axis.set_ylabel("response tokens")
+    figure.tight_layout()
+    figure.savefig(out / "lengths.png", dpi=120)
+    plt.close(figure)
+
+    # accuracy against the compute spent making each model (base models: 0)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    hours = [compute_hours(entry["cost"]) for entry in table]
+    for j, name in enumerate(benchmarks):
+        points = [(h, 100 * e["benchmarks"][name]["pass@1"], e["label"]) for h, e in zip(hours, table)
+                  if name in e["benchmarks"] and e["benchmarks"][name].get("pass@1") is not None]
+        if not points:
+            continue
+        points.sort()
+        # markers only: different models are not points of one curve
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="none", color=colors[j % len(colors)], label=name)
+        for x, y, label in points:
+            axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    devices = sorted({d for e in table for d, key in (("GPU", "gpu_hours"), ("CPU", "cpu_hours"), ("wall", "wall_hours")) if e["cost"].get(key)})
+    axis.set_xlabel(f"training compute (hours: {', '.join(devices) or 'none recorded'}; teacher generation included)")
+    axis.set_ylabel("pass@1 (%)")
+    if any(h > 0 for h in hours) and max(hours) / max(min([h for h in hours if h > 0] or [1]), 1e-9) > 100:
+        axis.set_xscale("symlog", linthresh=min(h for h in hours if h > 0))
+    axis.set_title("Accuracy against training compute")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out / "compute.png", dpi=120)
+    plt.close(figure)
+    return ["accuracy.png", "lengths.png", "compute.png"]
