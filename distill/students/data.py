@@ -40,7 +40,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -63,9 +63,16 @@ class Conversation:
 
 
 def read_conversations(source: str | Path, split: str = "train", on_bad_row: str = "error") -> tuple[list[Conversation], list[str]]:
-    """Conversations from Parquet/JSONL (a `messages` column, or `problem` + `completion`), a
-    `distill filter` run directory (its accepted.parquet), or a hub dataset name.
-    Returns (conversations, skipped-row messages)."""
+    """All conversations of a source, and the skipped-row messages (see iter_conversations)."""
+    skipped: list[str] = []
+    return list(iter_conversations(source, split, on_bad_row, skipped)), skipped
+
+
+def iter_conversations(source: str | Path, split: str = "train", on_bad_row: str = "error", skipped: list[str] | None = None) -> Iterator[Conversation]:
+    """Conversations, streamed, from Parquet/JSONL (a `messages` column, or `problem` +
+    `completion`), a `distill filter` run directory (its accepted.parquet), or a hub dataset
+    name. Bad rows raise InputError naming file and row, or with on_bad_row="skip" are appended
+    to `skipped` and passed over."""
     path = Path(source)
     if path.is_dir():
         candidate = path / "accepted.parquet"
@@ -78,17 +85,15 @@ def read_conversations(source: str | Path, split: str = "train", on_bad_row: str
         rows = _hub_rows(str(source), split)
     else:
         raise InputError(f"{source}: data not found; pass a Parquet/JSONL file, a `distill filter` run directory, or a hub dataset name")
-    conversations: list[Conversation] = []
-    skipped: list[str] = []
     for where, row in rows:
         try:
-            conversations.append(Conversation(row_messages(row, where), where))
+            yield Conversation(row_messages(row, where), where)
         except InputError as error:
             if on_bad_row == "skip":
-                skipped.append(str(error))
+                if skipped is not None:
+                    skipped.append(str(error))
                 continue
             raise InputError(f"{error}; fix the row or pass on_bad_row=skip") from None
-    return conversations, skipped
 
 
 def row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -123,10 +128,11 @@ def _file_rows(path: Path) -> Iterable[tuple[str, dict]]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            handle = pq.ParquetFile(path)
         except Exception as error:  # pyarrow raises several types for a bad file
             raise InputError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0][:120]})") from None
-        return ((f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), start=1))
+        batches = (batch.to_pylist() for batch in handle.iter_batches(batch_size=1024))  # streamed: the text is not all held at once
+        return ((f"{path}:row {n}", row) for n, row in enumerate((row for batch in batches for row in batch), start=1))
     if path.suffix in (".jsonl", ".json"):
         return ((f"{path}:{n}", row) for n, row in iter_jsonl(path))
     raise InputError(f"{path}: unsupported data file type '{path.suffix}'; use .parquet or .jsonl")
@@ -138,7 +144,8 @@ def _hub_rows(name: str, split: str) -> Iterable[tuple[str, dict]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as error:  # offline, unknown name, unknown split: all one message for the user
-        raise InputError(f"{name}: could not load this hub dataset (split '{split}'): {str(error).splitlines()[0][:160]}") from None
+        reason = str(error).splitlines()[0][:160]
+        raise InputError(f"{name}: no such local file, and no hub dataset of that name could be loaded (split '{split}'): {reason}") from None
     return ((f"{name}[{split}]:row {n}", row) for n, row in enumerate(dataset, start=1))
 
 
@@ -261,15 +268,18 @@ class EncodedDataset:
         return int(sum(int(e.loss_mask.sum()) for e in self.examples))
 
 
-def encode_dataset(conversations: Sequence[Conversation], tokenizer, template, max_len: int, too_long: str = "drop", progress: bool = True) -> EncodedDataset:
-    """Encode every conversation; sequences over `max_len` tokens are dropped or truncated
-    (`too_long`), and counted either way."""
+def encode_dataset(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str = "drop", progress: bool = True) -> EncodedDataset:
+    """Encode every conversation (a stream: only token ids are kept); sequences over `max_len`
+    tokens are dropped or truncated (`too_long`), and counted either way."""
+    from itertools import islice
+
     from tqdm.auto import tqdm
 
-    result = EncodedDataset(examples=[], rows=len(conversations))
-    bar = tqdm(total=len(conversations), desc="tokenize", unit="row", disable=not progress, leave=False)
-    for start in range(0, len(conversations), 512):
-        chunk = conversations[start : start + 512]
+    result = EncodedDataset(examples=[], rows=0)
+    bar = tqdm(desc="tokenize", unit="row", disable=not progress, leave=False)
+    stream = iter(conversations)
+    while chunk := list(islice(stream, 512)):
+        result.rows += len(chunk)
         rendered = [render_segments(c.messages, tokenizer, template, result.notes) for c in chunk]
         for conversation, example in zip(chunk, tokenize_segments(rendered, tokenizer)):
             example.where = conversation.where

@@ -166,18 +166,25 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from distill.rundir import RunDir
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
-    from distill.students.data import collate, encode_dataset, epoch_order, plan_step, read_conversations
+    from distill.students.data import collate, encode_dataset, epoch_order, iter_conversations, plan_step
     from distill.students.logprobs import Scorer
     from distill.students.parallel import peak_memory_gb, shard
 
     # ---- run directory (rank 0 writes; every rank reads the same inputs) --------------------
-    run_dir = RunDir(cfg.out, "train", cfg, sources, locked=LOCKED) if dist.is_main else None
+    run_dir, problem = None, None
+    if dist.is_main:
+        try:
+            run_dir = RunDir(cfg.out, "train", cfg, sources, locked=LOCKED)
+        except ConfigError as error:  # e.g. resumed with other settings: every rank must stop
+            problem = str(error)
+    problem = dist.broadcast(problem)
+    if problem:
+        raise ConfigError(problem)
 
     def say(message: str) -> None:
         if run_dir is not None:
             run_dir.say(message)
 
-    dist.barrier()
     say(f"distill train: {cfg.student} on {cfg.data} -> {cfg.out} ({dist.world} process{'es' if dist.world > 1 else ''} on {dist.device.type})")
     if sources:
         say("settings (and where each came from):\n" + describe_sources(cfg, sources))
@@ -193,11 +200,12 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     say(f"student {model_id}; chat template '{template.name}' (assistant turns end with {template.end_of_turn!r}); max {max_len} tokens")
 
     # ---- data: conversations -> token ids + loss mask -----------------------------------------
-    conversations, skipped = read_conversations(cfg.data, cfg.data_split, cfg.on_bad_row)
-    if not conversations:
-        raise InputError(f"{cfg.data}: no training rows{f' ({len(skipped)} skipped as malformed)' if skipped else ''}; check the file")
+    skipped: list[str] = []
+    conversations = iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped)
     dataset = encode_dataset(conversations, tokenizer, template, max_len, cfg.too_long, progress=dist.is_main)
     dataset.skipped_rows = skipped
+    if not dataset.rows:
+        raise InputError(f"{cfg.data}: no training rows{f' ({len(skipped)} skipped as malformed)' if skipped else ''}; check the file")
     for line in _data_report(dataset, max_len, cfg.too_long):
         say(line)
     if not dataset.examples:
@@ -532,13 +540,13 @@ def _check_memory(cfg: TrainConfig, hf_config, dist, tokens: int) -> None:
     if dist.device.type == "cuda":
         import torch
 
-        available = torch.cuda.mem_get_info(dist.device)[1] / 2**30
+        available = -dist.max(-torch.cuda.mem_get_info(dist.device)[1] / 2**30)
         where = torch.cuda.get_device_name(dist.device)
     else:
         import psutil
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
-        available = psutil.virtual_memory().available / 2**30 / local
+        available = -dist.max(-psutil.virtual_memory().available / 2**30 / local)  # the least any rank sees: all decide alike
         where = "this machine's CPU memory" + (f" shared by {local} processes" if local > 1 else "")
     plan = "LoRA" if cfg.lora else "full fine-tuning"
     plan += f"{' 4-bit' if cfg.quantize == '4bit' else ''}, {dist.world} device{'s' if dist.world > 1 else ''}"
