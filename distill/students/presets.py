@@ -24,7 +24,7 @@ keeps 16 bytes per parameter (fp32 weights, gradients, two moments), sharded ove
 FSDP; activation checkpointing keeps one layer's activations at a time; CPU offload moves the
 sharded states to host memory; LoRA keeps a bf16 base (2 bytes/param) and QLoRA a 4-bit one.
 `estimate_memory_gb` is the arithmetic; `check_memory` refuses a plan that cannot fit, before
-any weights are loaded.
+any weights are loaded (`check_memory=false` in a run skips it).
 """
 
 from __future__ import annotations
@@ -162,5 +162,6 @@ def check_memory(estimate: dict[str, float], available_gb: float, where: str, pl
         raise ConfigError(
             f"not enough memory on {where}: the plan ({plan}) needs about {estimate['total']:.1f} GiB per device "
             f"(states {estimate['states']:.1f}, activations {estimate['activations']:.1f}), {available_gb:.1f} GiB are free; "
-            "use more GPUs (torchrun), lora=true, cpu_offload=true, activation_checkpointing=true or a smaller micro_batch_tokens"
+            "use more GPUs (torchrun), lora=true, cpu_offload=true, activation_checkpointing=true or a smaller micro_batch_tokens "
+            "(check_memory=false tries anyway)"
         )

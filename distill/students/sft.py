@@ -88,6 +88,7 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per micro-batch when packing=false
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    check_memory: bool = True  # refuse a plan whose estimated memory exceeds the device's, before loading
     loss_chunk_tokens: int = 1024  # positions per LM-head chunk in the chunked loss
     fused_loss: Literal["auto", "liger", "chunked"] = "auto"
     # LoRA / QLoRA (peft)
@@ -224,7 +225,8 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     say(f"{len(examples)} sequences, {steps_per_epoch} steps per epoch of {min(cfg.global_batch, len(examples))} sequences, {total_steps} steps")
 
     # ---- memory plan, checked before any weight is loaded ---------------------------------------
-    _check_memory(cfg, hf_config, dist, micro_tokens if cfg.packing else max_len * cfg.micro_batch_size)
+    if cfg.check_memory:
+        _check_memory(cfg, hf_config, dist, micro_tokens if cfg.packing else max_len * cfg.micro_batch_size)
 
     # ---- model, optimiser, schedule --------------------------------------------------------------
     model = load_student(model_id, hf_config, cfg, dist)
@@ -265,7 +267,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     history: list[float] = []
     tokens_per_s: list[float] = []
     for step in range(start_step, total_steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(examples), cfg.seed, epoch)
         chosen = order[position * cfg.global_batch : (position + 1) * cfg.global_batch].tolist()
@@ -313,6 +315,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
             "mfu": flops / seconds / (peak_flops * dist.world) if peak_flops else None,
             "peak_memory_gb": dist.max(peak_memory_gb(dist.device)),
             "step_time_s": seconds,
+            "cpu_time_s": time.process_time() - cpu_started,  # this process, all threads: wall >> cpu means waiting
         }
         if skipped_step:
             record["skipped"] = "non-finite gradient norm"
@@ -424,7 +427,10 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
     torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it
     model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
