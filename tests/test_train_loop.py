@@ -341,3 +341,10 @@ def test_dropped_and_truncated_sequences_are_reported(student, data, tmp_path):
         else:
             assert metrics["truncated"] > 0 and metrics["dropped_too_long"] == 0 and "truncated" in log
     assert lengths[1] == 24 > lengths[0]
+
+
+def test_rerunning_a_finished_run_does_nothing(reference, student, data, capsys):
+    before = (reference / "metrics.jsonl").read_text()
+    assert cli(*train_args(student, data, reference, "max_steps=4")) == 0
+    assert "already trained (4 steps)" in capsys.readouterr().err
+    assert (reference / "metrics.jsonl").read_text() == before

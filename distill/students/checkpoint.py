@@ -67,6 +67,10 @@ class Checkpointer:
         path = self.folder / pointer.read_text(encoding="utf-8").strip()
         return path if (path / TRAINER).is_file() else None
 
+    def state(self, path: str | Path) -> dict[str, Any]:
+        """The trainer state of a checkpoint (step, ...), without loading any tensor."""
+        return json.loads((Path(path) / TRAINER).read_text(encoding="utf-8"))
+
     def save(self, step: int, model: nn.Module, optimizer, scheduler=None, state: dict[str, Any] | None = None) -> Path:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -121,7 +125,7 @@ class Checkpointer:
         rng = path / f"rng-{self.dist.rank}.pt"
         if rng.is_file():  # absent when resuming on more ranks than saved: fresh streams then
             _set_rng_state(torch.load(rng, weights_only=False))
-        return json.loads((path / TRAINER).read_text(encoding="utf-8"))
+        return self.state(path)
 
     def _prune(self, keep_name: str) -> None:
         done = sorted(p for p in self.folder.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))

@@ -224,6 +224,16 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
     say(f"{len(examples)} sequences, {steps_per_epoch} steps per epoch of {min(cfg.global_batch, len(examples))} sequences, {total_steps} steps")
 
+    checkpointer = Checkpointer(Path(cfg.out) / "checkpoints", dist, cfg.keep_checkpoints)
+    model_dir = Path(cfg.out) / "model"
+    latest = checkpointer.latest()
+    finished = latest is not None and checkpointer.state(latest)["step"] >= total_steps
+    if finished and any((model_dir / name).is_file() for name in ("config.json", "adapter_config.json")) and (Path(cfg.out) / "metrics.json").is_file():
+        say(f"already trained ({total_steps} steps) and exported to {model_dir}; nothing to do")
+        from distill.rundir import read_metrics
+
+        return read_metrics(cfg.out)
+
     # ---- memory plan, checked before any weight is loaded ---------------------------------------
     if cfg.check_memory:
         _check_memory(cfg, hf_config, dist, micro_tokens if cfg.packing else max_len * cfg.micro_batch_size)
@@ -238,10 +248,8 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     counts = _parameter_counts(model)
     say(f"parameters: {counts['total']:,}, trained {counts['trainable']:,}{' (LoRA)' if cfg.lora else ''}")
 
-    checkpointer = Checkpointer(Path(cfg.out) / "checkpoints", dist, cfg.keep_checkpoints)
     fingerprint = {"sequences": len(examples), "tokens": int(sum(lengths)), "trained_tokens": int(sum(trained_counts))}
     start_step, last_loss = 0, None
-    latest = checkpointer.latest()
     if latest is not None:
         state = checkpointer.load(latest, scorer, optimizer, scheduler)
         if state.get("data") != fingerprint:
@@ -250,12 +258,6 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         say(f"resuming from {latest.name}: step {start_step} of {total_steps}")
         if run_dir is not None:
             run_dir.log_metrics({"event": "resume", "step": start_step})
-    model_dir = Path(cfg.out) / "model"
-    if start_step >= total_steps and (model_dir / "config.json").is_file() and (Path(cfg.out) / "metrics.json").is_file():
-        say(f"already trained ({total_steps} steps) and exported to {model_dir}; nothing to do")
-        from distill.rundir import read_metrics
-
-        return read_metrics(cfg.out)
     wandb = _wandb(cfg, dist) if cfg.wandb_project else None
 
     # ---- the loop ----------------------------------------------------------------------------
