@@ -157,7 +157,10 @@ def summed_nll(model: nn.Module, input_ids, position_ids, targets, attention_mas
         rows, wanted, _ = _rows_with_targets(hidden, targets)
         liger = _liger(required=fused == "liger") if hidden.is_cuda else None
         if liger is not None:
-            return liger(rows, head.weight, wanted, bias=head.bias, ignore_index=IGNORE, reduction="sum")
+            # One dtype for the kernel: under autocast the hidden states are bf16, the weight fp32.
+            weight = head.weight.to(rows.dtype)
+            bias = head.bias.to(rows.dtype) if head.bias is not None else None
+            return liger(rows, weight, wanted, bias=bias, ignore_index=IGNORE, reduction="sum")
         return LinearCrossEntropy.apply(rows, head.weight, head.bias, wanted, chunk_tokens)
     return -logprobs_from_hidden(hidden, head, targets, chunk_tokens, softcap).sum()
 
