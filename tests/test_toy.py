@@ -53,13 +53,19 @@ def test_problems_file_is_read_by_the_shared_loader(tmp_path):
 
 
 def parse_trace(text: str) -> tuple[list[tuple[int, str, int, int]], str]:
+    """(left, sign, right, result) per step of a rewrite-style trace, and the boxed answer;
+    asserts each line copies the rest of the expression unchanged."""
     match = re.fullmatch(r"<think>\n(.*)\n</think>\n\\boxed\{(\d+)\}", text, re.S)
     assert match, f"not an R1-style trace: {text!r}"
+    lines = match.group(1).split("\n")
+    terms = re.findall(r"([+-]?)(\d+)", lines[0])
     steps = []
-    for line in match.group(1).split("\n"):
-        step = STEP.match(line)
-        assert step, f"not a step line: {line!r}"
-        steps.append((int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(4))))
+    for index, line in enumerate(lines[1:], start=1):
+        value = re.fullmatch(r"=(\d+)(.*)", line)
+        assert value, f"not a step line: {line!r}"
+        assert value.group(2) == "".join(s + n for s, n in terms[index + 1 :]), f"line {line!r} must copy the rest"
+        left = int(terms[0][1]) if index == 1 else steps[-1][3]
+        steps.append((left, terms[index][0], int(terms[index][1]), int(value.group(1))))
     return steps, match.group(2)
 
 
@@ -70,6 +76,7 @@ def test_traces_chain_their_steps_and_slips_propagate(slip_rate):
     for problem in toy.train_split(300, seed=1):
         text, slipped = toy.write_trace(problem, rng, slip_rate)
         steps, boxed = parse_trace(text)
+        assert text.startswith("<think>\n" + problem.expression + "\n"), "the working opens with the expression"
         assert len(steps) == len(problem.numbers) - 1
         assert steps[0][0] == problem.numbers[0]
         wrong_steps = 0
@@ -77,8 +84,6 @@ def test_traces_chain_their_steps_and_slips_propagate(slip_rate):
             assert (sign, right) == (problem.signs[index], problem.numbers[index + 1])
             wrong_steps += result != (left + right if sign == "+" else left - right)
             assert result >= 0
-            if index + 1 < len(steps):
-                assert steps[index + 1][0] == result, "the next step starts from this step's result, right or wrong"
         assert boxed == str(steps[-1][3]), "the boxed answer is the last step's result"
         assert (wrong_steps > 0) == slipped
         if slip_rate == 0.0:

@@ -233,9 +233,10 @@ INSTRUCTION = ""
 
 
 def user_turn(problem: str) -> str:
-    """The user message for `problem`. TODO(issue 3): use the shared prompt renderer of
-    distill/teacher/prompts.py once it lands, so this cannot drift."""
-    return f"{problem}\n{INSTRUCTION}" if INSTRUCTION else problem
+    """The user message for `problem`, by the stages' own renderer (distill.teacher.prompts)."""
+    from distill.teacher.prompts import user_message
+
+    return user_message(problem, INSTRUCTION)
 
 
 def prompt_messages(problem: str) -> list[dict[str, str]]:
