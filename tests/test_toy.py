@@ -33,6 +33,8 @@ def test_levels_set_operand_count_digits_and_answers():
 def test_heldout_split_is_fixed_distinct_and_absent_from_training_sets():
     first, again = toy.heldout_split(), toy.heldout_split()
     assert [p.problem for p in first] == [p.problem for p in again], "the test split is fixed by its seed"
+    small = toy.heldout_split(per_level=5)
+    assert {p.id: p.problem for p in small}.items() <= {p.id: p.problem for p in first}.items(), "a smaller split is a prefix"
     assert len({p.problem for p in first}) == len(first) == 40 * len(toy.LEVELS)
     assert {toy.level_of(p.id) for p in first} == set(toy.LEVELS)
     held_out = {p.problem for p in first}

@@ -126,13 +126,14 @@ def make_problem(level: int, rng: random.Random, problem_id: str = "") -> ToyPro
 
 
 def heldout_split(per_level: int = 40, levels: Sequence[int] = tuple(LEVELS)) -> list[ToyProblem]:
-    """The held-out test split: `per_level` distinct problems of each level, fixed by TEST_SEED.
+    """The held-out test split: `per_level` distinct problems of each level, fixed by TEST_SEED
+    (the first n of a level are the same whatever `per_level`).
 
     Level 1 has only a few hundred distinct problems, so the test split is drawn first and every
     training set excludes its problems by text."""
-    rng = random.Random(TEST_SEED)
     problems: list[ToyProblem] = []
     for level in levels:
+        rng = random.Random(TEST_SEED * 100 + level)  # per level: a smaller split is a prefix of a larger one
         seen: set[str] = set()
         while len(seen) < per_level:
             problem = make_problem(level, rng, f"toy-test-L{level}-{len(seen):04d}")
@@ -252,10 +253,13 @@ ALPHABET = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
 
 
 def build_tokenizer():
-    """The toy models' tokenizer: characters, ChatML specials and <think>/</think> as tokens."""
+    """The toy models' tokenizer: characters, ChatML specials and <think>/</think> as tokens,
+    with the students' `chatml-think` template (its generation prompt opens with "<think>\\n",
+    as DeepSeek-R1-Distill's does)."""
     from distill.chartok import build_char_tokenizer
+    from distill.students.chat import TEMPLATES
 
-    return build_char_tokenizer(ALPHABET)
+    return build_char_tokenizer(ALPHABET, chat_template=TEMPLATES["chatml-think"].source)
 
 
 @dataclass(frozen=True)
@@ -268,8 +272,8 @@ class ModelShape:
     max_positions: int = 512
 
 
-TEACHER_SHAPE = ModelShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)  # ~3.2M
-STUDENT_SHAPE = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)  # ~0.8M
+TEACHER_SHAPE = ModelShape(hidden=192, layers=5, heads=4, kv_heads=2, intermediate=576)  # ~2.3M parameters
+STUDENT_SHAPE = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)  # ~0.8M parameters
 
 
 def init_model(shape: ModelShape, out: str | Path, seed: int = 0) -> Path:

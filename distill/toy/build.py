@@ -14,10 +14,14 @@ Steps:
    `run` (the recipe as written, its paths pointed into OUT).
 3. measure: `distill eval` of each model on the held-out split, one benchmark per level, greedy
    (temperature 0, k=1: deterministic, so a later check can expect the very same verdicts).
-4. install: copy both exported models into distill/toy/assets/{teacher,base} and write
-   assets/quality.json: per-level accuracy, the per-problem verdicts, the first training losses
-   of each run (tests/test_toy_models.py checks a short rerun of each recipe against them), the
-   command, the machine and the wall times.
+4. reproduction runs: each recipe for EARLY_STEPS steps on REPRO_EXAMPLES-row corpora made the
+   same way; their losses are recorded for tests/test_toy_models.py, which reruns them (a full
+   rebuild takes tens of CPU-minutes; these take seconds and catch any change to the corpora,
+   tokenizer, initial weights, recipes or training loop).
+5. install: copy both exported models into distill/toy/assets/{teacher,base} and write
+   assets/quality.json: per-level accuracy, the per-problem verdicts (tests/test_toy_models.py
+   checks the committed models still give them), the reproduction losses, the command, the
+   machine and the wall times.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +38,18 @@ from distill import toy
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes" / "toy"
-EARLY_STEPS = 5  # training losses recorded for the reproduction test
+EARLY_STEPS = 5  # training steps of the reproduction run (tests/test_toy_models.py)
+REPRO_EXAMPLES = 2_000  # rows of each corpus in the reproduction run
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     out: Path = Path("runs/toy-build")
-    teacher_examples: int = 60_000  # CoT traces in the teacher corpus
-    slip_rate: float = 0.04  # per step: a slipped step propagates to a wrong answer
-    base_examples: int = 60_000  # rows of the base corpus
-    step_fraction: float = 0.5  # of them two-number sums taken from running totals
-    cot_fraction: float = 0.0  # of them full traces (0: the base never reasons)
+    teacher_examples: int = 100_000  # CoT traces in the teacher corpus
+    slip_rate: float = 0.03  # per step: a slipped step propagates to a wrong answer
+    base_examples: int = 100_000  # rows of the base corpus
+    step_fraction: float = 0.4  # of them two-number sums taken from running totals
+    cot_fraction: float = 0.1  # of them full (correct) traces: the base has seen some worked solutions
     seed: int = 0
     eval_per_level: int = 40  # held-out problems per level for the quality figures
     install: bool = False
@@ -116,6 +121,16 @@ def early_losses(run_dir: Path, steps: int = EARLY_STEPS) -> list[float]:
     return losses[:steps]
 
 
+def reproduction_run(which: str, cfg: BuildConfig, out: Path) -> list[float]:
+    """The first EARLY_STEPS losses of `which`'s recipe on REPRO_EXAMPLES-row corpora made with
+    cfg's settings: cheap enough for a test, and any change to the corpus writers, tokenizer,
+    initial weights, recipe or training loop changes them."""
+    small = replace(cfg, out=Path(out), teacher_examples=REPRO_EXAMPLES, base_examples=REPRO_EXAMPLES)
+    prepare(small)
+    train(which, small, overrides=(f"max_steps={EARLY_STEPS}", f"save_every={EARLY_STEPS}"))
+    return early_losses(Path(out) / which)
+
+
 def build(cfg: BuildConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     timings: dict[str, float] = {}
@@ -133,8 +148,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         quality["models"][which] = {
             "recipe": f"recipes/toy/{which}.yaml",
             "steps": metrics["steps"],
+            "first_loss": metrics["first_loss"],
             "final_loss": metrics["final_loss"],
-            "early_losses": early_losses(out / which),
+            "reproduction_losses": reproduction_run(which, cfg, out / "reproduction"),
             **measured,
         }
     quality["build"]["timings"] = timings
@@ -161,7 +177,7 @@ def _describe(cfg: BuildConfig) -> dict[str, Any]:
 
     return {
         "command": f"python -m distill.toy build --out {cfg.out}",
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
