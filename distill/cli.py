@@ -177,17 +177,20 @@ def compare(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for the demo's run directories."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for the demo's run directories (default runs/demo)."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 3 minutes."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
-    """Run the whole pipeline on the embedded toy world, on CPU.
+    """Run the whole pipeline on the embedded toy world, on CPU: generate, filter, train, grpo, eval, compare.
 
-    Writes one run directory per stage under --out, and the comparison table.
+    Writes one run directory per stage under --out, the comparison report (report.md, plots) and
+    its summary (metrics.json); prints the table. Rerunning resumes; other settings need another --out.
     """
-    # Until the toy world lands (issue #8) there is no end-to-end path to run; say so plainly
-    # rather than pretend, and succeed so `make demo` shows the state of the project.
-    typer.echo("distill demo: the toy-world pipeline is not built yet (issue #8).")
-    typer.echo("Built so far: the CLI, typed recipes, trace records and run directories (`distill doctor` checks the set-up).")
+    from distill.toy.demo import load_demo_config, run
+
+    loaded = load_demo_config(quick=quick, out=out, recipe=recipe, overrides=overrides or [])
+    run(loaded.config, loaded.sources)
 
 
 @app.command()

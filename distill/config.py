@@ -341,6 +341,7 @@ STAGE_CONFIGS: dict[str, str] = {
     "eval": "distill.evaluate:EvalConfig",
     "compare": "distill.compare:CompareConfig",
     "train": "distill.students.sft:TrainConfig",
+    "demo": "distill.toy.demo:DemoConfig",
 }
 
 

@@ -34,8 +34,9 @@ The models start from distill/toy/assets (teacher and base student, made by
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from distill import toy
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: Path = Path("runs/demo")
+    out: Path = Path("runs/demo")  # with --quick and no --out: runs/demo-quick
     quick: bool = False  # the QUICK sizes below (set by --quick)
     seed: int = 0
     # data
@@ -78,7 +79,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     from distill.compare import run as compare
     from distill.evaluate import EvalConfig
     from distill.evaluate import run as evaluate
-    from distill.rundir import write_json
+    from distill.rundir import RunDir
     from distill.students.grpo import load_grpo_config
     from distill.students.grpo import run as grpo
     from distill.students.sft import load_train_config
@@ -94,12 +95,15 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
 
         raise InputError(f"{toy.ASSETS}: the toy models are missing; build them with `python -m distill.toy build --install`")
     out = Path(cfg.out)
+    # The demo's own run directory: config.yaml, demo.log and the summary as metrics.json. Its
+    # settings are locked: rerunning resumes every stage; other settings need another --out.
+    run_dir = RunDir(out, "demo", cfg, sources, locked=[f.name for f in dataclasses.fields(cfg) if f.name != "out"])
     started = time.time()
     timings: dict[str, float] = {}
 
     def step(name: str, command: str) -> None:
         timings[name] = time.time()
-        print(f"\n== {name}: {command}", file=sys.stderr, flush=True)
+        run_dir.say(f"\n== {name}: {command}")
 
     def done(name: str) -> None:
         timings[name] = round(time.time() - timings[name], 1)
@@ -187,7 +191,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         "report": str(out / "report" / "report.md"),
         "grpo": {k: reinforced.get(k) for k in ("final_reward_mean", "final_accuracy") if k in reinforced},
     }
-    write_json(out / "summary.json", summary)
+    summary = json.loads(run_dir.write_metrics(summary).read_text(encoding="utf-8"))
     print((out / "report" / "report.md").read_text(encoding="utf-8"))
     print(summary_lines(summary))
     return summary
@@ -221,9 +225,9 @@ def summary_lines(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load(quick: bool, out: Path | None, overrides=()) -> Any:
-    """The demo's config: defaults, the QUICK sizes with --quick, then key=value overrides."""
+def load_demo_config(quick: bool = False, out: Path | None = None, recipe: Path | None = None, overrides=()) -> Any:
+    """The demo's config: defaults < the QUICK sizes (with --quick) < recipe < flags < key=value."""
     from distill.config import load_config
 
-    flags = {"quick": quick or None, "out": out}
-    return load_config(DemoConfig, flags=flags, overrides=overrides, preset=QUICK if quick else None, preset_name="quick")
+    flags = {"quick": quick or None, "out": out if out is not None else Path("runs/demo-quick") if quick else None}
+    return load_config(DemoConfig, recipe=recipe, flags=flags, overrides=overrides, preset=QUICK if quick else None, preset_name="--quick")
