@@ -340,6 +340,7 @@ STAGE_CONFIGS: dict[str, str] = {
     "filter": "distill.teacher.filter:FilterConfig",
     "eval": "distill.evaluate:EvalConfig",
     "compare": "distill.compare:CompareConfig",
+    "train": "distill.students.sft:TrainConfig",
 }
 
 

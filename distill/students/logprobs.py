@@ -1,0 +1,191 @@
+"""Per-token log-probabilities and summed cross-entropy of a causal LM, without full logits.
+
+Shared by `distill train` (the SFT loss) and `distill grpo` (policy and reference log-probs), so
+both compute the same numbers with the same code.
+
+A 32k-token sequence over Qwen's 152k vocabulary has 5 billion logits (20 GB in fp32): they are
+never materialised. The decoder's final hidden states (B, T, H) are computed once; only the
+positions that have a target are projected through the LM head, in chunks of `chunk_tokens`,
+so peak memory is one chunk's logits, whatever T is:
+- per-token log-probs (`token_logprobs`, any downstream use, e.g. GRPO ratios): each chunk is
+  wrapped in activation checkpointing, its logits freed after the forward and recomputed in the
+  backward;
+- the summed loss (`summed_nll`, SFT): liger-kernel's fused linear cross-entropy on CUDA when
+  installed, else `LinearCrossEntropy`, the same method in torch (gradients computed chunk by
+  chunk in the forward, no recomputation).
+
+`Scorer` wraps a Hugging Face causal LM (plain, peft-wrapped or FSDP-sharded) as a module whose
+forward returns these quantities; under FSDP2 it is the root module, so the embedding, final
+norm and LM head are gathered by its hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from distill.errors import MissingDependency
+
+IGNORE = -100
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face *ForCausalLM under a peft wrapper or a Scorer."""
+    if isinstance(model, Scorer):
+        model = model.model
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def final_hidden_states(model: nn.Module, input_ids, position_ids=None, attention_mask=None):
+    """(B, T, H) hidden states after the decoder's final norm. use_cache=False matters: with a
+    cache (or an attention mask) transformers does not read packed-sequence boundaries from
+    position_ids, and packed sequences would attend to each other."""
+    decoder = causal_lm(model).get_decoder()
+    output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+    return output.last_hidden_state
+
+
+def _head(model: nn.Module):
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    return head, softcap
+
+
+def _chunk_logprobs(hidden, weight, bias, targets, softcap):
+    # hidden (N, H), weight (V, H), targets (N,) -> (N,) log p(target)
+    logits = F.linear(hidden, weight, bias).float()  # (N, V), fp32 for a stable log-sum-exp
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _rows_with_targets(hidden, targets):
+    """(N, H) hidden states and (N,) targets of the positions that have a target, and where they are."""
+    flat_targets = targets.reshape(-1)
+    picked = (flat_targets != IGNORE).nonzero(as_tuple=True)[0]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, picked), flat_targets.index_select(0, picked), picked
+
+
+def logprobs_from_hidden(hidden, head: nn.Module, targets, chunk_tokens: int = 1024, softcap=None):
+    """(B, T) log p(targets) from hidden states (B, T, H); 0 where targets == IGNORE. Each chunk
+    is checkpointed: its logits are freed after the forward and recomputed in the backward."""
+    batch, length, _ = hidden.shape
+    rows, wanted, picked = _rows_with_targets(hidden, targets)
+    pieces = []
+    for start in range(0, rows.shape[0], chunk_tokens):
+        args = (rows[start : start + chunk_tokens], head.weight, head.bias, wanted[start : start + chunk_tokens], softcap)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    if pieces:
+        values = torch.cat(pieces)
+    else:  # nothing to score: still touch every parameter, so all ranks reduce the same gradients
+        values = rows.new_zeros(0, dtype=torch.float32) + (hidden.sum() + head.weight.sum()).float() * 0
+    out = values.new_zeros(batch * length).index_put((picked,), values)
+    return out.view(batch, length)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log softmax(hidden @ weight.T + bias)[target], whose gradients are
+    computed chunk by chunk during the forward: one chunk's logits exist at a time and are never
+    recomputed (three vocabulary matmuls per token instead of four with checkpointing). The
+    method of liger-kernel's fused linear cross-entropy, in plain torch, for CPUs and for GPUs
+    without liger. Call it only for a loss that is backpropagated once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
+        weight_c = weight.to(hidden.dtype)
+        bias_c = bias.to(hidden.dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = hidden[start : start + chunk_tokens]
+            wanted = targets[start : start + chunk_tokens]
+            logits = F.linear(rows, weight_c, bias_c).float()  # (n, V)
+            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            total += (normaliser[:, 0] - logits.gather(-1, wanted[:, None])[:, 0]).sum()
+            grad = logits.sub_(normaliser).exp_()  # softmax, in place: d(-log p)/d logits = p - onehot
+            grad[torch.arange(len(wanted), device=grad.device), wanted] -= 1
+            grad = grad.to(hidden.dtype)
+            grad_hidden[start : start + chunk_tokens] = grad @ weight_c
+            grad_weight += (grad.t() @ rows).float()
+            if grad_bias is not None:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_bias_out = (grad_bias * grad_output).to(ctx.weight_dtype) if ctx.has_bias else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype), grad_bias_out, None, None
+
+
+def token_logprobs(model: nn.Module, input_ids, position_ids=None, targets=None, attention_mask=None, chunk_tokens: int = 1024):
+    """(B, T) log-probability of `targets` (default: the next input token) at each position; 0
+    where the target is IGNORE. Packed rows: pass position ids restarting per sequence and no
+    attention mask, with targets already shifted inside each sequence."""
+    if targets is None:
+        targets = torch.full_like(input_ids, IGNORE)
+        targets[:, :-1] = input_ids[:, 1:]
+        if attention_mask is not None:
+            targets[:, :-1][attention_mask[:, 1:] == 0] = IGNORE
+    hidden = final_hidden_states(model, input_ids, position_ids, attention_mask)
+    head, softcap = _head(model)
+    return logprobs_from_hidden(hidden, head, targets, chunk_tokens, softcap)
+
+
+def summed_nll(model: nn.Module, input_ids, position_ids, targets, attention_mask=None, chunk_tokens: int = 1024, fused: str = "auto"):
+    """Sum over trained positions of -log p(target): a scalar. `fused`: "auto" (liger-kernel on
+    CUDA when installed, else LinearCrossEntropy), "liger" (required), "chunked" (checkpointed
+    chunks, as token_logprobs)."""
+    hidden = final_hidden_states(model, input_ids, position_ids, attention_mask)
+    head, softcap = _head(model)
+    if fused == "liger" and not hidden.is_cuda:
+        raise MissingDependency("liger-kernel", "gpu", "fused_loss=liger (a CUDA device and liger-kernel)")
+    if fused != "chunked" and not softcap and torch.is_grad_enabled():
+        rows, wanted, _ = _rows_with_targets(hidden, targets)
+        liger = _liger(required=fused == "liger") if hidden.is_cuda else None
+        if liger is not None:
+            # One dtype for the kernel: under autocast the hidden states are bf16, the weight fp32.
+            weight = head.weight.to(rows.dtype)
+            bias = head.bias.to(rows.dtype) if head.bias is not None else None
+            return liger(rows, weight, wanted, bias=bias, ignore_index=IGNORE, reduction="sum")
+        return LinearCrossEntropy.apply(rows, head.weight, head.bias, wanted, chunk_tokens)
+    return -logprobs_from_hidden(hidden, head, targets, chunk_tokens, softcap).sum()
+
+
+def _liger(required: bool):
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        if required:
+            raise MissingDependency("liger-kernel", "gpu", "fused_loss=liger") from None
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+class Scorer(nn.Module):
+    """A causal LM as a module returning per-token log-probs (reduction="none", (B, T)) or the
+    summed NLL (reduction="sum", scalar). The root module for FSDP2 sharding."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024, fused: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.fused = fused
+
+    def forward(self, input_ids, position_ids=None, targets=None, attention_mask=None, reduction: str = "none"):
+        if reduction == "sum":
+            return summed_nll(self.model, input_ids, position_ids, targets, attention_mask, self.chunk_tokens, self.fused)
+        return token_logprobs(self.model, input_ids, position_ids, targets, attention_mask, self.chunk_tokens)
