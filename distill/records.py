@@ -172,16 +172,19 @@ def record_from_row(row: dict[str, Any], where: str) -> TraceRecord:
     extra.update(known.pop("extra", None) or {})
     return TraceRecord(
         **{**known, "problem_id": str(problem_id), "sample_idx": sample_idx, "problem": problem,
-           "answer": None if answer is None else _answer_text(answer)},
+           "answer": answer_text(answer)},
         extra=extra,
     )
 
 
-def _answer_text(answer: Any) -> str:
-    # References come as strings, ints (AIME) or floats (AMC: 27.0); keep "27" not "27.0".
+def answer_text(answer: Any) -> str | None:
+    """A reference answer as text: they come as strings, ints (AIME) or floats (AMC: 27.0);
+    keep "27", not "27.0"."""
+    if answer is None:
+        return None
     if isinstance(answer, float) and answer.is_integer():
         return str(int(answer))
-    return str(answer)
+    return str(answer).strip()
 
 
 def _rows(file: Path, on_bad_row: OnBadRow, skipped: list[str]) -> Iterator[tuple[str, dict]]:
