@@ -1,0 +1,171 @@
+"""distill grpo end to end on a task a tiny model can partly solve.
+
+The task: a problem such as "2+1" whose answer the policy must write as one token, `\\boxed{3}`
+(each `\\boxed{d}` is a single word of a character-level tokenizer of about 30 tokens, so a
+randomly initialised model hits the right one a few times in a group of 8, and the reward is
+reachable from the first step). The reward is the real one: the shared verifier grades the
+completion against the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.config import load_config
+
+ANSWER_WORDS = tuple(f"\\boxed{{{d}}}" for d in range(10))
+PROBLEMS = {"1+1": "2", "2+1": "3", "1+2": "3", "2+2": "4", "3+1": "4", "1+3": "4", "3+2": "5", "2+3": "5"}
+
+
+def build_task(root: Path) -> tuple[Path, Path]:
+    """A tiny Qwen2 policy over a small character vocabulary, and its problems file."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from distill.chartok import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("0123456789+\n", words=("<think>", "</think>", *ANSWER_WORDS))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        )
+    )
+    model_dir = root / "policy"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "problem": q, "answer": a}) + "\n" for i, (q, a) in enumerate(PROBLEMS.items())))
+    return model_dir, data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A hidden-32 model runs ~5x faster on one thread than on two busy cores (oversubscription)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return build_task(tmp_path_factory.mktemp("grpo-task"))
+
+
+def config(task, out: Path, **overrides):
+    from distill.students.grpo import GRPOConfig
+
+    model_dir, data = task
+    values = dict(
+        student=str(model_dir), data=str(data), out=out, instruction=None,
+        group_size=8, prompts_per_step=4, max_tokens=2, steps=20, learning_rate=0.02,
+        micro_batch_size=16, save_every=10, seed=0,
+    )
+    values.update(overrides)
+    flat = [f"{k}={v}" for k, v in values.items() if k not in ("out",)]
+    return load_config(GRPOConfig, overrides=flat, flags={"out": str(out)}).config
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_few_dozen_steps_raise_the_mean_reward(task, tmp_path):
+    from distill.students.grpo import run
+
+    final = run(config(task, tmp_path / "run"))
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    first = sum(r["reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    assert last > first + 0.15, f"mean reward went from {first:.3f} to {last:.3f}"
+    # every figure the issue asks for is there on each step
+    for key in ("reward_mean", "reward_std", "accuracy", "format_rate", "completion_length", "truncation_rate",
+                "kl_old", "clip_fraction", "entropy", "rollout_s", "update_s"):
+        assert rows[-1][key] is not None, key
+    assert final["accuracy_last10"] > rows[0]["accuracy"]
+    # the final model is a Hugging Face directory that loads
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final["model_dir"]) is not None
+
+
+TIMING = ("time", "rollout_s", "update_s")
+
+
+def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from distill.rundir import RunDir
+    from distill.students.grpo import run
+
+    settings = dict(steps=6, save_every=2, mu=2, minibatches=2, micro_batch_size=8)
+    run(config(task, tmp_path / "straight", **settings))
+
+    # the same run, killed after step 5 was logged (its last checkpoint is step 4), then resumed
+    original = RunDir.log_metrics
+
+    def crash_after_step_5(self, record):
+        original(self, record)
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "log_metrics", crash_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(task, tmp_path / "killed", **settings))
+    monkeypatch.setattr(RunDir, "log_metrics", original)
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5]
+    run(config(task, tmp_path / "killed", **settings))
+
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6], "step 5 is redone once, not logged twice"
+    for a, b in zip(straight, resumed):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    weights_a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    weights_b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(variant="dapo", mu=2, minibatches=2),
+        dict(variant="dapo", overlong="mask", max_tokens=3),
+        dict(variant="dr_grpo", beta=0.1),
+        dict(variant="grpo", beta=0.1, lora_rank=4),
+    ],
+    ids=["dapo-mu2", "dapo-overlong-mask", "dr_grpo-kl", "grpo-lora-kl"],
+)
+def test_variants_run_and_report_their_figures(task, tmp_path, overrides):
+    from distill.students.grpo import run
+
+    run(config(task, tmp_path / "run", steps=2, learning_rate=0.01, **overrides))
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 2
+    for row in rows:
+        if overrides.get("variant") == "dapo":
+            # dynamic sampling: only groups with different rewards are trained
+            assert row["groups_trained"] <= 4 and row["groups"] >= 4
+        if row["groups_trained"] == 0:
+            assert row["optimizer_steps"] == 0
+            continue
+        if overrides.get("mu"):
+            assert row["optimizer_steps"] == overrides["mu"] * overrides["minibatches"]
+            assert row["kl_old"] > 0, "after the first update the policy differs from the one that sampled"
+        if overrides.get("beta"):
+            assert row["kl_ref"] is not None and row["kl_ref"] >= 0
+        else:
+            assert row["kl_ref"] is None
+        if overrides.get("overlong") == "mask":
+            # truncated completions keep their reward but train no token
+            assert row["trained_tokens"] < row["completions"] * row["completion_length"] or row["truncation_rate"] == 0
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
