@@ -337,6 +337,7 @@ def _convert(value: Any, kind: Any) -> Any:
 
 STAGE_CONFIGS: dict[str, str] = {
     # "generate": "distill.teacher.generate:GenerateConfig",  (one line per stage, as stages land)
+    "grpo": "distill.students.grpo:GRPOConfig",
 }
 
 

@@ -169,3 +169,44 @@ def test_variants_run_and_report_their_figures(task, tmp_path, overrides):
             # truncated completions keep their reward but train no token
             assert row["trained_tokens"] < row["completions"] * row["completion_length"] or row["truncation_rate"] == 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_cli_runs_a_recipe_step_and_prints_the_final_figures(task, tmp_path, run_cli):
+    model_dir, data = task
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"# distill grpo --recipe {recipe}\ngroup_size: 4\nprompts_per_step: 2\nmax_tokens: 2\ninstruction: null\n")
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(
+        "grpo", "--student", str(model_dir), "--data", str(data), "--out", str(out), "--variant", "dr_grpo",
+        "--recipe", str(recipe), "steps=1", "micro_batch_size=8",
+    )
+    assert code == 0, stderr
+    final = json.loads(stdout)
+    assert final["variant"] == "dr_grpo" and Path(final["model_dir"]).is_dir()
+    assert "variant: dr_grpo" in (out / "config.yaml").read_text()
+
+
+def test_cli_errors_are_one_line(task, tmp_path, run_cli):
+    model_dir, _ = task
+    no_answers = tmp_path / "no_answers.jsonl"
+    no_answers.write_text('{"id": "a", "problem": "1+1", "answer": null}\n{"id": "b", "problem": "1+2", "answer": " "}\n')
+    code, _, stderr = run_cli("grpo", "--student", str(model_dir), "--data", str(no_answers), "--out", str(tmp_path / "a"))
+    assert code == 2 and "no problem has a reference answer" in stderr and "Traceback" not in stderr
+    code, _, stderr = run_cli("grpo", "--student", str(model_dir), "--data", str(no_answers), "--out", str(tmp_path / "b"), "group_sise=4")
+    assert code == 2 and "did you mean 'group_size'" in stderr
+    code, _, stderr = run_cli("grpo", "--student", str(model_dir), "--data", str(no_answers), "--out", str(tmp_path / "c"), "group_size=1")
+    assert code == 2 and "group_size must be at least 2" in stderr
+
+
+def test_problems_without_a_reference_are_skipped_and_counted_not_rewarded_zero(task, tmp_path):
+    from distill.students.grpo import run
+
+    model_dir, data = task
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(data.read_text() + '{"id": "x", "problem": "9+9", "answer": null}\n{"id": "y", "problem": "8+9", "answer": ""}\n')
+    run(config((model_dir, mixed), tmp_path / "run", steps=1, prompts_per_step=10))
+    (row,) = metrics(tmp_path / "run")
+    assert row["unverifiable"] == 2 * 8 and row["completions"] == 10 * 8
+    assert row["groups_trained"] <= 8, "the two groups without a reference train nothing"
+    # the reward mean is over the 64 graded completions only
+    assert row["reward_mean"] is not None

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
+from distill.problems import Fields
 from distill.rewards import RewardConfig
 
 R1_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -73,6 +74,8 @@ class GRPOConfig:
     out: Path
     data_dir: Optional[str] = None  # where presets' local copies live (else $DISTILL_DATA_DIR, else the hub)
     limit: Optional[int] = None  # use only the first N problems
+    fields: Fields = field(default_factory=Fields)  # column names of a file or hub dataset (presets know theirs)
+    on_bad_row: Literal["error", "skip"] = "error"
 
     # algorithm (None: the variant's choice; see distill.students.rl.VARIANTS)
     variant: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
@@ -163,6 +166,11 @@ class Group:
         return [s for s in self.samples if s.reward.total is not None]
 
 
+def _reference(problem) -> str | None:
+    """The problem's reference answer, None when it has none to check against."""
+    return problem.answer if problem.answer and problem.answer.strip() else None
+
+
 def sample_seed(seed: int, position: int, sample_index: int) -> int:
     """The seed of one completion: fixed by the run's seed and the completion's place in the data
     stream, so a resumed run samples exactly what an uninterrupted one would have."""
@@ -197,8 +205,16 @@ def run(cfg: GRPOConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     run_dir.say(f"distill grpo: {algorithm} beta={cfg.beta} into {run_dir.path}")
 
     # ---- problems ---------------------------------------------------------------------------
-    problems = load_problems(cfg.data, data_dir=cfg.data_dir, limit=cfg.limit).problems
-    if not any(p.answer is not None for p in problems):
+    loaded = load_problems(
+        cfg.data, data_dir=cfg.data_dir, limit=cfg.limit, on_bad_row=cfg.on_bad_row,
+        fields=None if cfg.fields == Fields() else cfg.fields,  # None: a preset's own field names
+    )
+    problems = loaded.problems
+    for reason in loaded.skipped:
+        run_dir.log.info(f"skipped: {reason}")
+    if loaded.skipped:
+        run_dir.say(f"skipped {len(loaded.skipped)} bad rows of {cfg.data} (listed in grpo.log)")
+    if not any(_reference(p) for p in problems):
         raise InputError(f"{cfg.data}: no problem has a reference answer; the GRPO reward needs one (an 'answer' field)")
     orders: dict[int, list[int]] = {}
 
@@ -259,7 +275,7 @@ def run(cfg: GRPOConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
                 raise RuntimeError(f"the {cfg.engine} engine failed on {request.key}: {completion.info}")
             position = int(request.key.split("/")[0])
             texts.append(full_completion(rendered_of[position], completion.text))
-            references.append(problem_at(position).answer)
+            references.append(_reference(problem_at(position)))
             lengths.append(len(completion.token_ids))
             keys.append(request.key)
         rewards = score(
