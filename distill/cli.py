@@ -34,14 +34,36 @@ def _not_built(command: str, issue: int) -> None:
     raise DistillError(f"`distill {command}` is not built yet (tracked in issue #{issue}); nothing was run")
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def generate(ctx: typer.Context) -> None:
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher: hub id or path (hf, vllm) or the served model name (openai)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Problems: JSONL/Parquet/CSV, a preset (math500, gsm8k, openr1-math, ...) or hub name[:config][@split]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (rerun the same command to resume)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="vllm | openai | hf  [default: vllm]"),
+    n: Optional[int] = typer.Option(None, "--n", help="Samples per problem  [default: 4]"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Max new tokens per sample  [default: 32768]"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="[default: 0.6]"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="[default: 0.95]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed; each sample's seed derives from it  [default: 0]"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N (0-based): this machine's share of the problems."),
+    on_bad_row: Optional[str] = typer.Option(None, "--on-bad-row", help="error | skip  [default: error]"),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Sample long chain-of-thought traces from a teacher for a set of problems.
 
     Reads problems (JSONL/Parquet/CSV or a hub dataset); writes RUN_DIR/traces*.jsonl
     (append-only, resumable), config.yaml, metrics.jsonl and metrics.json.
     """
-    _not_built("generate", 3)
+    from distill.config import load_config
+    from distill.teacher.generate import GenerateConfig, run
+
+    flags = dict(model=model, data=data, out=out, engine=engine, n=n, max_tokens=max_tokens, temperature=temperature,
+                 top_p=top_p, seed=seed, shard=shard, on_bad_row=on_bad_row)
+    loaded = load_config(GenerateConfig, recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    typer.echo(f"{metrics['samples']} samples in {Path(loaded.config.out) / metrics['trace_file']} "
+               f"({metrics['problems_complete']}/{metrics['problems']} problems complete)")
 
 
 @app.command(name="filter", context_settings=_PASS_THROUGH)

@@ -336,7 +336,7 @@ def _convert(value: Any, kind: Any) -> Any:
 # the stages' config classes, for recipe checking (each stage module owns its dataclass)
 
 STAGE_CONFIGS: dict[str, str] = {
-    # "generate": "distill.teacher.generate:GenerateConfig",  (one line per stage, as stages land)
+    "generate": "distill.teacher.generate:GenerateConfig",
     "grpo": "distill.students.grpo:GRPOConfig",
 }
 

@@ -14,12 +14,19 @@ Engines:
     openai  any OpenAI-compatible server (vllm serve, SGLang, hosted APIs)
 
 `make_engine` imports only the engine asked for, so a machine without vLLM never imports it.
+Engines that render prompts locally (hf, vllm) expose the model's tokenizer as `.tokenizer`
+(None for openai, where the server applies its own chat template).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import inspect
 from typing import Any, Iterable, Iterator, Protocol
+
+from distill.errors import ConfigError
+
+ENGINES = ("hf", "vllm", "openai")
 
 
 @dataclass(frozen=True)
@@ -55,9 +62,42 @@ class Completion:
 class Engine(Protocol):
     name: str  # "hf" | "vllm" | "openai"
     version: str  # version of the library or server behind it, recorded in every trace
+    tokenizer: Any  # the model's tokenizer when prompts are rendered locally, else None
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
         """Yield one Completion per request, in the order they finish (not request order)."""
         ...
 
     def close(self) -> None: ...
+
+
+def make_engine(name: str, model: str | None = None, *, tokenizer: Any = None, hf_model: Any = None, **options: Any) -> Engine:
+    """Build engine `name` for `model` (a hub id, a path, or a served model name for openai).
+
+    `hf_model` (hf only) samples from a model already in memory, e.g. the policy GRPO trains.
+    `options` are the engine's own settings (hf: batch_size, device, dtype; vllm:
+    tensor_parallel_size, gpu_memory_utilization, ...; openai: base_url, max_in_flight, ...);
+    an unknown one is a ConfigError naming it.
+    """
+    if name == "hf":
+        from distill.engines.hf import HFEngine as cls
+    elif name == "vllm":
+        from distill.engines.vllm import VLLMEngine as cls
+    elif name == "openai":
+        from distill.engines.openai import OpenAIEngine as cls
+    else:
+        raise ConfigError(f"engine: unknown engine '{name}'; choose one of {', '.join(ENGINES)}")
+    accepted = inspect.signature(cls.__init__).parameters
+    if hf_model is not None:
+        if "hf_model" not in accepted:
+            raise ConfigError(f"engine {name}: hf_model= (a model in memory) is only for the hf engine")
+        options["hf_model"] = hf_model
+    if tokenizer is not None:
+        if "tokenizer" not in accepted:
+            raise ConfigError(f"engine {name}: takes no tokenizer (the server applies its own chat template)")
+        options["tokenizer"] = tokenizer
+    unknown = sorted(set(options) - set(accepted) - {"self"})
+    if unknown:
+        known = sorted(k for k in accepted if k not in ("self", "model", "tokenizer", "hf_model"))
+        raise ConfigError(f"engine {name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return cls(model, **options)

@@ -1,0 +1,308 @@
+"""The transformers engine: an explicit, batched decode loop over a Hugging Face causal LM.
+
+    engine = HFEngine("Qwen/Qwen2.5-Math-1.5B")                  # load by hub id or path
+    engine = HFEngine(hf_model=policy, tokenizer=tokenizer)        # the policy GRPO is training
+    for completion in engine.generate(requests): ...               # in the order rows finish
+
+For CPU, small GPUs, tests and the demo; vLLM is the engine for real teacher runs.
+
+Why a decode loop of our own rather than `model.generate`: each Request is one sample with its
+own seed, and a sample must come out the same whichever requests it is batched with (resume
+after a crash batches the remaining requests differently). `generate` draws every row's token
+from one global RNG stream, so a row's sample depends on its batch mates. Here:
+- each row has its own `torch.Generator` seeded with the request's seed, and draws exactly V
+  uniforms per step from it (V = vocabulary size), whatever the batch;
+- the token is picked with the Gumbel-max trick, argmax(logits / T + Gumbel noise) over the
+  top-p nucleus, which samples exactly softmax(logits / T) restricted to the nucleus. Unlike
+  inverse-CDF sampling (`torch.multinomial`) it is insensitive to the last-bit differences that
+  batch composition and padding cause in the logits: a token only changes if two perturbed
+  scores are within ~1e-6 of each other;
+- temperature 0 is greedy (argmax).
+
+Batching (a simplification against vLLM's continuous batching): requests are sorted by prompt
+length and cut into static batches of `batch_size` rows (the n samples of a problem share a
+prompt, so they share a batch with no padding); prompts are left-padded; a row that finishes
+(EOS or max_tokens) is yielded at once and dropped from the batch and its KV cache, so no
+compute is spent on it, but its slot is not refilled until the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Iterator, Sequence
+
+from distill.engines import Completion, Request
+from distill.errors import DistillError
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: Any = None,
+        hf_model: Any = None,
+        batch_size: int = 16,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        import torch
+        import transformers
+
+        self.version = f"transformers {transformers.__version__}"
+        if batch_size < 1:
+            raise DistillError(f"hf.batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        if hf_model is not None:
+            # In-memory model (GRPO's policy): used where it lives, never moved or cast.
+            if tokenizer is None:
+                raise DistillError("HFEngine(hf_model=...) needs the model's tokenizer too: HFEngine(hf_model=model, tokenizer=tokenizer)")
+            self.model = hf_model
+            self.tokenizer = tokenizer
+            self.model_name = model or getattr(hf_model, "name_or_path", "in-memory model")
+            self._owns_model = False
+        else:
+            if not model:
+                raise DistillError("HFEngine needs a model id or path (or hf_model= for a model in memory)")
+            self.model_name = model
+            target = _pick_device(device)
+            self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model, trust_remote_code)
+            self.model = _load_model(model, target, _pick_dtype(dtype, target), trust_remote_code)
+            self._owns_model = True
+        self.device = next(self.model.parameters()).device
+        self.stop_ids = _stop_token_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.stop_ids) if self.stop_ids else 0
+        self._torch = torch
+
+    # ----------------------------------------------------------------------------------------
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Yield one Completion per request, each as soon as its row finishes."""
+        requests = list(requests)
+        prompts = [self._encode(r.prompt) for r in requests]
+        # Sort by prompt length so a batch pads little; the sort is stable, so the n samples of
+        # a problem (same prompt) stay together.
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                yield from self._generate_batch([requests[i] for i in rows], [prompts[i] for i in rows])
+        finally:
+            self.model.train(was_training)
+
+    def close(self) -> None:
+        if self._owns_model:
+            del self.model
+            if self._torch.cuda.is_available():
+                self._torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------------------------------
+
+    def _encode(self, prompt: str) -> list[int]:
+        # The chat template already wrote any BOS the model wants; adding special tokens here
+        # would double it (Llama-3, R1-Distill).
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DistillError("empty prompt: the hf engine needs at least one prompt token")
+        return list(ids)
+
+    def _generate_batch(self, requests: Sequence[Request], prompts: Sequence[list[int]]) -> Iterator[Completion]:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        rows = len(requests)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
+        attention = torch.zeros((rows, width), dtype=torch.long)  # (B, T) 1 = real token
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, T) real tokens count from 0
+        generators = [torch.Generator(device=self.device).manual_seed(int(r.seed)) for r in requests]
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        alive = list(range(rows))  # batch row -> index into `requests`
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            # Prefill; only the last position's logits are needed (B x T x V would not fit at 32k).
+            logits = self._forward(input_ids, attention, positions, cache, logits_to_keep=1)
+            next_position = positions[:, -1:] + 1  # (B, 1)
+            while alive:
+                tokens = sample_tokens(logits, [requests[i] for i in alive], [generators[i] for i in alive])  # (b,)
+                keep: list[int] = []
+                for slot, index in enumerate(alive):
+                    token = int(tokens[slot])
+                    generated[index].append(token)
+                    done = self._finished(requests[index], generated[index], token)
+                    if done is None:
+                        keep.append(slot)
+                    else:
+                        yield self._completion(requests[index], prompts[index], generated[index], *done)
+                if not keep:
+                    break
+                if len(keep) < len(alive):
+                    # Drop finished rows from the batch and its KV cache: no compute on them.
+                    select = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(select)
+                    attention, tokens, next_position = attention[select], tokens[select], next_position[select]
+                    alive = [alive[slot] for slot in keep]
+                attention = torch.cat([attention, attention.new_ones((len(alive), 1))], dim=1)  # (b, T + t)
+                logits = self._forward(tokens[:, None], attention, next_position, cache, logits_to_keep=1)
+                next_position = next_position + 1
+
+    def _forward(self, input_ids, attention, positions, cache, logits_to_keep: int):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits[:, -1, :].float()  # (b, V)
+
+    def _finished(self, request: Request, ids: list[int], token: int) -> tuple[str, int | None] | None:
+        """(finish_reason, where the text ends in characters or None) when the row is done."""
+        if token in self.stop_ids:
+            return "stop", None
+        if request.sampling.stop:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut = [text.find(s) for s in request.sampling.stop if s and s in text]
+            if cut:
+                return "stop", min(cut)
+        if len(ids) >= request.sampling.max_tokens:
+            return "length", None
+        return None
+
+    def _completion(self, request: Request, prompt: list[int], ids: list[int], reason: str, cut: int | None) -> Completion:
+        text_ids = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if cut is not None:
+            text = text[:cut]
+        return Completion(
+            key=request.key,
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(ids),
+            token_ids=list(ids),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_tokens(logits, requests: Sequence[Request], generators: Sequence[Any]):
+    """One token per row of logits (b, V): greedy at temperature 0, else Gumbel-max over the
+    top-p nucleus, with row i's noise drawn from generators[i] alone."""
+    import torch
+
+    vocab = logits.shape[-1]
+    temperature = torch.tensor([r.sampling.temperature for r in requests], device=logits.device)
+    top_p = torch.tensor([r.sampling.top_p for r in requests], device=logits.device).clamp(max=1.0)
+    greedy = temperature <= 0
+    # Every row draws V uniforms from its own generator each step (greedy rows too), so the
+    # random stream of a sample never depends on its batch mates. Token i's noise is u[i].
+    uniform = torch.stack([torch.rand(vocab, generator=g, device=logits.device) for g in generators])  # (b, V)
+    log_probs = (logits / torch.where(greedy, 1.0, temperature)[:, None]).log_softmax(dim=-1)  # (b, V)
+    # Fast path: the nucleus of a trained model is almost always within its top few dozen
+    # tokens; check that on a top-k and only sort the whole vocabulary for rows where not.
+    k = min(vocab, _NUCLEUS_PROBE)
+    top_log_probs, top_ids = log_probs.topk(k, dim=-1)  # (b, k), sorted descending
+    top_probs = top_log_probs.exp()
+    covered = (top_probs.sum(dim=-1) >= top_p) & (top_p < 1)
+    keep = (top_probs.cumsum(dim=-1) - top_probs) < top_p[:, None]  # mass above each < top_p
+    noisy = top_log_probs + _gumbel(uniform.gather(-1, top_ids))
+    choice = top_ids.gather(-1, noisy.masked_fill(~keep, -math.inf).argmax(dim=-1, keepdim=True))[:, 0]
+    slow = ~covered & ~greedy
+    if bool(slow.any()):
+        rows = slow.nonzero()[:, 0]
+        scores = _mask_outside_nucleus(log_probs[rows], top_p[rows]) + _gumbel(uniform[rows])
+        choice = choice.index_put((rows,), scores.argmax(dim=-1))
+    return torch.where(greedy, logits.argmax(dim=-1), choice)  # (b,)
+
+
+_NUCLEUS_PROBE = 64  # top-k probed for the nucleus before falling back to a full sort
+
+
+def _gumbel(uniform):
+    """Gumbel(0, 1) noise from uniforms in [0, 1)."""
+    return -(-uniform.clamp(min=1e-20, max=1.0 - 1e-7).log()).log()
+
+
+def _mask_outside_nucleus(scores, top_p):
+    """Set scores outside each row's top-p nucleus to -inf. scores (b, V), top_p (b,)."""
+    import torch
+
+    if bool((top_p >= 1).all()):
+        return scores
+    probs = scores.softmax(dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values  # (b, V)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+    # Keep the smallest set whose mass reaches top_p: a token stays if the mass above it is
+    # below top_p (the most likely token always stays). Ties with the last kept token stay too.
+    kept = (before < top_p[:, None]).sum(dim=-1, keepdim=True)  # (b, 1), at least 1
+    threshold = sorted_probs.gather(-1, kept - 1)  # (b, 1) probability of the last kept token
+    drop = probs < threshold
+    return scores.masked_fill(drop, -math.inf)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise DistillError(f"hf.dtype: '{dtype}' is not one of auto, float32, bfloat16, float16") from None
+
+
+def _load_tokenizer(model: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as error:  # OSError, ValueError, HF hub errors: one message for the user
+        raise DistillError(f"cannot load the tokenizer of teacher '{model}': {_first_line(error)}; check the model id or path (and HF_HUB_OFFLINE / network)") from None
+
+
+def _load_model(model: str, device: str, dtype: Any, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise DistillError(f"cannot load teacher '{model}': {_first_line(error)}; check the model id or path (and HF_HUB_OFFLINE / network)") from None
+    return loaded.to(device)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

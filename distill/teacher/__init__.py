@@ -1,0 +1,1 @@
+"""The teacher side of the pipeline: prompt rendering (`prompts`) and `distill generate` (`generate`)."""

@@ -1,0 +1,414 @@
+"""distill generate: sample n long chain-of-thought completions per problem from a teacher.
+
+    distill generate --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --data math500 --out runs/gen-7b
+    distill generate --recipe recipes/generate/r1-distill-32b.yaml --shard 0/4
+
+Reads problems (a JSONL/Parquet/CSV file, a preset such as math500 or openr1-math, or a hub
+dataset `name[:config][@split]`, via distill.problems), renders each with the teacher's chat
+template (distill.teacher.prompts: R1 defaults, the `<think>` prefill kept), sends one request
+per (problem, sample) to an engine (vllm | openai | hf, distill.engines) and writes each
+completion to RUN_DIR/traces.jsonl the moment it finishes.
+
+Choices, and what is simplified:
+- Defaults are DeepSeek-R1's: temperature 0.6, top-p 0.95, up to 32768 new tokens, no system
+  prompt, "Please reason step by step, and put your final answer within \\boxed{}." appended to
+  the problem. n defaults to 4 samples per problem.
+- Each sample has its own seed, derived from (seed, problem_id, sample_idx) by a hash, so sample
+  i of a problem is the same whether it runs first, last, after a crash, or with a larger n.
+- Exactly once: a record per (problem_id, sample_idx), appended to JSONL and flushed + fsynced
+  every `flush_every` records or `flush_seconds`. Rerunning the same command skips what is on
+  disk (a torn last line from kill -9 is cut off first), so a crash costs at most one flush
+  window of samples. Failed samples (an engine's finish_reason "error") are not written: the
+  run ends with a non-zero exit naming them and the next run retries them.
+- A run directory keeps one teacher, prompt and sampling setting: reopening it with another
+  model, system prompt, instruction, chat template, temperature, top-p, max_tokens, stop or seed
+  is refused (RunDir locked keys). Raising n is allowed: it adds samples.
+- `--shard I/N` (0-based) keeps the problems whose id hashes to shard I (distill.problems), and
+  writes traces.shard-I-of-N.jsonl and metrics.shard-I-of-N.json, so N machines can share one
+  directory (or copy theirs together); `distill filter` reads every traces*.jsonl.
+- Every record carries its provenance: teacher, engine and version, sampling settings, the
+  sample's seed, the prompt messages, token counts, finish reason and time.
+- Progress (stderr): samples done, problems complete, samples/s, output tokens/s, ETA.
+  metrics.json: totals over the whole trace file (samples, tokens, finish reasons) and this
+  run's wall time and throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from distill.config import to_dict
+from distill.engines import Completion, Request, Sampling, make_engine
+from distill.errors import ConfigError, DistillError
+from distill.problems import Fields, Problem, load_problems, select_shard
+from distill.records import TraceRecord, TraceWriter, iter_jsonl, record_id
+from distill.rundir import CONFIG_FILE, RunDir, check_locked, write_json
+from distill.teacher.prompts import R1_INSTRUCTION, RenderedPrompt, full_completion, load_chat_template, render_prompt
+
+# Settings that define what a run directory's traces are; a resumed run must match them.
+LOCKED = ("model", "system", "instruction", "chat_template", "temperature", "top_p", "max_tokens", "stop", "seed")
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    batch_size: int = 16  # rows decoded together
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int | None = None  # replicas; None = every visible GPU // (tp * pp)
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True  # the n samples of a problem share their prompt's KV
+    dtype: str = "auto"
+    distributed_executor_backend: str | None = None  # "ray" for a teacher spanning nodes
+    max_num_seqs: int | None = None
+    max_queued: int = 2048  # requests held in the engine at once
+
+
+@dataclass(frozen=True)
+class OpenAIOptions:
+    base_url: str | None = None  # default $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
+    max_in_flight: int = 64
+    timeout_s: float = 3600.0  # per request: a 32k-token trace takes minutes
+    max_retries: int = 8
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str  # teacher: hub id or path (hf, vllm), or the served model name (openai)
+    data: str  # problems: file, preset (math500, gsm8k, openr1-math, ...) or hub name[:config][@split]
+    out: Path  # run directory
+    engine: Literal["vllm", "openai", "hf"] = "vllm"
+    n: int = 4  # samples per problem
+    max_tokens: int = 32768
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    shard: str | None = None  # "I/N", 0-based
+    system: str | None = None  # R1: no system prompt
+    instruction: str = R1_INSTRUCTION  # appended to the problem in the user turn
+    chat_template: str | None = None  # override the tokenizer's: jinja text, .jinja or tokenizer_config.json
+    fields: dict[str, str | None] = field(default_factory=dict)  # column names: problem, answer, id
+    data_dir: Path | None = None  # local copies of presets (e.g. ../shared/data/eval)
+    limit: int | None = None  # only the first N problems of the source
+    on_bad_row: Literal["error", "skip"] = "error"
+    flush_every: int = 16  # records per fsync'd write
+    flush_seconds: float = 5.0  # ... or this long, whichever comes first
+    trust_remote_code: bool = False
+    hf: HFOptions = field(default_factory=HFOptions)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    openai: OpenAIOptions = field(default_factory=OpenAIOptions)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.flush_every < 1:
+            raise ValueError(f"flush_every must be at least 1, got {self.flush_every}")
+        unknown = set(self.fields) - {f.name for f in dataclasses.fields(Fields)}
+        if unknown:
+            raise ValueError(f"fields: unknown name(s) {', '.join(sorted(unknown))}; map problem, answer and id")
+        parse_shard(self.shard)
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) with 0 <= I < N; None stays None."""
+    if shard is None:
+        return None
+    index, sep, count = str(shard).partition("/")
+    try:
+        pair = (int(index), int(count))
+    except ValueError:
+        pair = None
+    if not sep or pair is None or pair[1] < 1 or not 0 <= pair[0] < pair[1]:
+        raise ValueError(f"shard '{shard}' is not I/N with 0 <= I < N (e.g. --shard 0/4)")
+    return pair
+
+
+def sample_seed(seed: int, problem_id: str, sample_idx: int) -> int:
+    """The seed of one sample: a hash of (run seed, problem id, sample index), in [0, 2^31)."""
+    digest = hashlib.sha256(f"{seed}\x00{problem_id}\x00{sample_idx}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def trace_file_name(shard: tuple[int, int] | None) -> str:
+    return "traces.jsonl" if shard is None else f"traces.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+    started = time.time()
+    shard = parse_shard(cfg.shard)
+    if cfg.chat_template is not None and cfg.engine == "openai":
+        raise ConfigError("chat_template applies to the hf and vllm engines; an OpenAI-compatible server uses its own (e.g. `vllm serve --chat-template`)")
+
+    # ---- problems: every bad row is reported before a model is loaded
+    fields = Fields(**{**dataclasses.asdict(Fields()), **cfg.fields}) if cfg.fields else None
+    loaded = load_problems(cfg.data, fields=fields, data_dir=cfg.data_dir, on_bad_row=cfg.on_bad_row, limit=cfg.limit)
+    problems = loaded.problems if shard is None else select_shard(loaded.problems, *shard)
+
+    # ---- refuse a changed teacher / prompt / sampling before the (slow) engine loads
+    config_path = Path(cfg.out) / CONFIG_FILE
+    if config_path.exists():
+        check_locked(config_path, to_dict(cfg), LOCKED)
+
+    # ---- engine: a missing [gpu] extra, an unloadable teacher or an unreachable server stop here
+    engine = make_engine(cfg.engine, cfg.model, **engine_options(cfg))
+    tokenizer = engine.tokenizer
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = load_chat_template(cfg.chat_template)
+
+    run_dir = RunDir(cfg.out, "generate", cfg, sources, locked=LOCKED)
+    writer = TraceWriter(run_dir.file(trace_file_name(shard)))  # repairs a torn last line
+    existing = scan_traces(writer.path)
+    done = existing.keys
+
+    # ---- what is left: one request per (problem, sample) not yet on disk
+    rendered: dict[str, RenderedPrompt] = {}
+    todo: dict[str, tuple[Problem, int]] = {}  # request key -> (problem, sample_idx)
+    for problem in problems:
+        missing = [i for i in range(cfg.n) if (problem.id, i) not in done]
+        if missing:
+            rendered[problem.id] = render_prompt(tokenizer, problem.problem, system=cfg.system, instruction=cfg.instruction)
+        for sample_idx in missing:
+            todo[record_id(problem.id, sample_idx)] = (problem, sample_idx)
+    complete = sum(1 for p in problems if p.id not in rendered)
+    run_dir.say(
+        f"distill generate: {len(problems)} problems x n={cfg.n} from {cfg.data}"
+        + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+        + f"; {len(existing.keys)} samples already in {writer.path.name}, {len(todo)} to go; "
+        f"teacher {cfg.model} on {engine.name} ({engine.version})"
+        + (f"; skipped {len(loaded.skipped)} bad rows" if loaded.skipped else "")
+    )
+    for message in loaded.skipped[:20]:
+        run_dir.log.info("skipped: %s", message)
+
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop))
+    requests = (
+        Request(
+            key=key,
+            prompt=rendered[problem.id].text or "",
+            sampling=sampling,
+            seed=sample_seed(cfg.seed, problem.id, sample_idx),
+            messages=rendered[problem.id].messages,
+        )
+        for key, (problem, sample_idx) in todo.items()
+    )
+    provenance = {
+        "teacher": cfg.model,
+        "engine": engine.name,
+        "engine_version": engine.version,
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "n": cfg.n,
+                     **({"stop": list(cfg.stop)} if cfg.stop else {})},
+    }
+
+    # ---- generate: write each completion as it finishes
+    remaining = Counter(problem.id for problem, _ in todo.values())  # samples still missing per problem
+    stats = RunStats()
+    buffer: list[TraceRecord] = []
+    generation_started = last_flush = last_log = time.time()
+    progress = _progress(len(todo), complete, len(problems))
+
+    def flush() -> None:
+        nonlocal last_flush
+        writer.write(buffer)
+        buffer.clear()
+        last_flush = time.time()
+
+    try:
+        for completion in engine.generate(requests):
+            problem, sample_idx = todo[completion.key]
+            if completion.finish_reason == "error":
+                stats.errors.append(f"{completion.key}: {completion.info.get('error', 'engine error')}")
+                progress.update(1)
+                continue
+            buffer.append(_record(cfg, problem, sample_idx, rendered[problem.id], completion, provenance))
+            stats.add(completion)
+            remaining[problem.id] -= 1
+            if remaining[problem.id] == 0:
+                complete += 1
+            progress.update(1)
+            now = time.time()
+            if len(buffer) >= cfg.flush_every or now - last_flush >= cfg.flush_seconds:
+                flush()
+                progress.set_postfix_str(_rates(stats, now - generation_started, complete, len(problems)), refresh=False)
+                if now - last_log >= 10:
+                    run_dir.log_metrics(stats.snapshot(now - generation_started, complete))
+                    last_log = now
+    finally:
+        # Ctrl-C, an engine error: what finished is kept, and the same command resumes.
+        if buffer:
+            flush()
+        writer.close()
+        progress.close()
+        engine.close()
+
+    # ---- metrics: totals over the whole trace file, and this run's throughput
+    wall = time.time() - started
+    generation = time.time() - generation_started
+    totals = existing.merged(stats)
+    metrics = {
+        "teacher": cfg.model,
+        "engine": engine.name,
+        "engine_version": engine.version,
+        "data": cfg.data,
+        "shard": cfg.shard,
+        "trace_file": writer.path.name,
+        "problems": len(problems),
+        "problems_complete": complete,
+        "samples": totals["samples"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
+        "finish_reasons": totals["finish_reasons"],
+        "skipped_rows": len(loaded.skipped),
+        "run": stats.snapshot(generation, complete),  # this invocation, generation only (no model load)
+        "errors": len(stats.errors),
+        "retries": getattr(engine, "retries", 0),
+    }
+    run_dir.log_metrics(stats.snapshot(generation, complete))
+    if shard is None:
+        run_dir.write_metrics(metrics)
+    else:
+        write_json(run_dir.file(f"metrics.shard-{shard[0]}-of-{shard[1]}.json"), {"stage": "generate", "wall_time_s": round(wall, 3), **metrics})
+    run_dir.say(
+        f"wrote {stats.samples} samples ({stats.completion_tokens} output tokens) in {wall:.1f}s to {writer.path}; "
+        f"{totals['samples']} in total, {complete}/{len(problems)} problems complete"
+    )
+    if stats.errors:
+        for message in stats.errors:
+            run_dir.log.error(message)
+        raise DistillError(
+            f"{len(stats.errors)} samples failed (first: {stats.errors[0]}); finished samples are kept in {writer.path}; "
+            "rerun the same command to retry the failed ones"
+        )
+    return metrics
+
+
+def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
+    """The chosen engine's options from its config section (keys are the engine's arguments)."""
+    if cfg.engine == "hf":
+        return {**to_dict(cfg.hf), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.engine == "vllm":
+        return {**to_dict(cfg.vllm), "seed": cfg.seed, "trust_remote_code": cfg.trust_remote_code}
+    return to_dict(cfg.openai)
+
+
+# --------------------------------------------------------------------------------------------
+# records, resume state, progress
+
+
+def _record(cfg: GenerateConfig, problem: Problem, sample_idx: int, rendered: RenderedPrompt,
+            completion: Completion, provenance: Mapping[str, Any]) -> TraceRecord:
+    return TraceRecord(
+        problem_id=problem.id,
+        sample_idx=sample_idx,
+        problem=problem.problem,
+        answer=problem.answer,
+        completion=full_completion(rendered, completion.text),  # "<think>" prefill put back once
+        source=problem.source,
+        prompt=[dict(m) for m in rendered.messages],
+        finish_reason=completion.finish_reason,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        seed=sample_seed(cfg.seed, problem.id, sample_idx),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance,
+    )
+
+
+@dataclass
+class RunStats:
+    samples: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, completion: Completion) -> None:
+        self.samples += 1
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        self.finish_reasons[completion.finish_reason] += 1
+
+    def snapshot(self, seconds: float, problems_complete: int) -> dict[str, Any]:
+        seconds = max(seconds, 1e-9)
+        return {
+            "samples": self.samples,
+            "completion_tokens": self.completion_tokens,
+            "problems_complete": problems_complete,
+            "wall_time_s": round(seconds, 3),
+            "samples_per_s": round(self.samples / seconds, 3),
+            "output_tokens_per_s": round(self.completion_tokens / seconds, 1),
+            "finish_reasons": dict(self.finish_reasons),
+            "errors": len(self.errors),
+        }
+
+
+@dataclass
+class Existing:
+    keys: set[tuple[str, int]]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+
+    def merged(self, stats: RunStats) -> dict[str, Any]:
+        return {
+            "samples": len(self.keys) + stats.samples,
+            "prompt_tokens": self.prompt_tokens + stats.prompt_tokens,
+            "completion_tokens": self.completion_tokens + stats.completion_tokens,
+            "finish_reasons": dict(self.finish_reasons + stats.finish_reasons),
+        }
+
+
+def scan_traces(path: Path) -> Existing:
+    """Keys and totals of the records already written, streamed (a trace file can be many GB)."""
+    existing = Existing(keys=set())
+    if not path.exists() or path.stat().st_size == 0:
+        return existing
+    for number, row in iter_jsonl(path):
+        try:
+            key = (str(row["problem_id"]), int(row["sample_idx"]))
+        except (KeyError, TypeError, ValueError):
+            raise DistillError(f"{path}:{number}: not a distill trace record (no problem_id / sample_idx); use a new --out directory") from None
+        if key in existing.keys:
+            continue  # never written twice by us; tolerate a hand-merged file
+        existing.keys.add(key)
+        existing.prompt_tokens += int(row.get("prompt_tokens") or 0)
+        existing.completion_tokens += int(row.get("completion_tokens") or 0)
+        existing.finish_reasons[row.get("finish_reason") or "unknown"] += 1
+    return existing
+
+
+def _progress(total: int, complete: int, problems: int) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="sample", desc="generate", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    bar.set_postfix_str(f"problems {complete}/{problems}", refresh=False)
+    return bar
+
+
+def _rates(stats: RunStats, seconds: float, complete: int, problems: int) -> str:
+    seconds = max(seconds, 1e-9)
+    return f"problems {complete}/{problems}, {stats.completion_tokens / seconds:.0f} tok/s"
+

@@ -1,0 +1,155 @@
+"""A STAND-IN for the parts of vLLM's API that distill/engines/vllm.py calls. It is not vLLM.
+
+vLLM cannot be installed on our development and CI machines (no GPU), so the adapter is
+tested against this small imitation of its documented offline API:
+`LLM(**engine_args)`, `LLM.get_tokenizer()`, `LLM.reset_prefix_cache()`,
+`LLM.llm_engine.add_request(request_id, prompt, params)` / `.step()` /
+`.has_unfinished_requests()`, `SamplingParams(n, temperature, top_p, max_tokens, seed, stop)`,
+`RequestOutput(request_id, prompt_token_ids, outputs, finished)` and the in-process model behind
+`llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`.
+
+It checks argument names strictly (an unknown engine argument is a TypeError, as in vLLM) and
+schedules like a continuous-batching engine: up to `max_num_seqs` requests decode one token per
+`step()`, the rest wait, and requests finish in the order their (seeded) lengths dictate, not the
+order they were added. Text is decoded from seeded random token ids with the model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+__version__ = "0.0.0+standin"
+
+# Engine arguments the stand-in accepts: the EngineArgs names the adapter uses.
+ENGINE_ARGS = {
+    "model", "tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+    "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "dtype", "seed",
+    "distributed_executor_backend", "max_num_seqs", "trust_remote_code",
+}
+INSTANCES: list["LLM"] = []  # every LLM built in this process, for tests to inspect
+
+
+class SamplingParams:
+    def __init__(self, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int | None = 16,
+                 seed: int | None = None, stop: list[str] | None = None):
+        if n != 1:
+            raise ValueError("the stand-in supports n=1 only")
+        self.n, self.temperature, self.top_p, self.max_tokens, self.seed, self.stop = n, temperature, top_p, max_tokens, seed, stop
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class _Running:
+    request_id: str
+    prompt_token_ids: list[int]
+    planned: list[int]
+    finish_reason: str
+    produced: int = 0
+
+
+class _Model:
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    def load_weights(self, weights: Any) -> set[str]:
+        names = [name for name, _ in weights]
+        self.loaded += names
+        return set(names)
+
+
+class _Namespace:
+    def __init__(self, **items: Any) -> None:
+        self.__dict__.update(items)
+
+
+class _Engine:
+    def __init__(self, tokenizer: Any, max_num_seqs: int):
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.waiting: list[_Running] = []
+        self.running: list[_Running] = []
+        self.added = 0
+        self.peak_unfinished = 0
+        self.model_executor = _Namespace(driver_worker=_Namespace(model_runner=_Namespace(model=_Model())))
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
+        if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
+            raise TypeError("the stand-in expects a TokensPrompt: {'prompt_token_ids': [...]}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be SamplingParams")
+        rng = random.Random(params.seed)
+        eos = self.tokenizer.eos_token_id
+        length = rng.randint(1, params.max_tokens)
+        planned = [rng.randrange(200, 5000) for _ in range(length)]
+        # Greedy is deterministic: at temperature 0 the seed does not matter.
+        if params.temperature == 0:
+            planned = [300 + (sum(prompt["prompt_token_ids"]) + i) % 1000 for i in range(params.max_tokens)]
+        reason = "length" if len(planned) >= params.max_tokens else "stop"
+        if reason == "stop":
+            planned.append(eos)
+        self.waiting.append(_Running(request_id, list(prompt["prompt_token_ids"]), planned, reason))
+        self.added += 1
+        self.peak_unfinished = max(self.peak_unfinished, len(self.waiting) + len(self.running))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[RequestOutput]:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            self.running.append(self.waiting.pop(0))
+        outputs = []
+        for request in list(self.running):
+            request.produced += 1
+            done = request.produced >= len(request.planned)
+            ids = request.planned[: request.produced]
+            text_ids = ids[:-1] if done and request.finish_reason == "stop" else ids
+            outputs.append(RequestOutput(
+                request.request_id, request.prompt_token_ids,
+                [CompletionOutput(0, self.tokenizer.decode(text_ids, skip_special_tokens=True), ids,
+                                  request.finish_reason if done else None)],
+                done,
+            ))
+            if done:
+                self.running.remove(request)
+        return outputs
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args: Any):
+        unknown = set(engine_args) - ENGINE_ARGS
+        if unknown:
+            raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(engine_args.get("tokenizer") or model)
+        except OSError as error:
+            raise OSError(f"stand-in: cannot load {model}: {error}") from None
+        self.engine_args = {"model": model, **engine_args}
+        self.llm_engine = _Engine(self._tokenizer, engine_args.get("max_num_seqs") or 4)
+        self.prefix_cache_resets = 0
+        INSTANCES.append(self)
+
+    def get_tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        self.prefix_cache_resets += 1
+        return True
