@@ -67,13 +67,26 @@ def generate(
 
 
 @app.command(name="filter", context_settings=_PASS_THROUGH)
-def filter_(ctx: typer.Context) -> None:
+def filter_(
+    traces: Optional[Path] = typer.Option(None, "--in", "--traces", help="A generate run directory, or a JSONL/Parquet with problem, answer, completion."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student preset or tokenizer (dir or hub id): reject conversations longer than its max_seq_len."),
+    on_bad_row: Optional[str] = typer.Option(None, "--on-bad-row", help="error (default) or skip: count malformed rows and go on."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Keep the traces worth learning from: verified correct, well formed, not truncated, one language, no loops, not contaminated.
 
     Reads a generate run directory or any JSONL/Parquet with problem, answer, completion; writes
     RUN_DIR/accepted.parquet, rejected.parquet, stats.json, report.md and plots.
     """
-    _not_built("filter", 4)
+    from distill.config import load_config
+    from distill.teacher.filter import FilterConfig, run
+
+    flags = {"traces": traces, "out": out, "student": student, "on_bad_row": on_bad_row}
+    loaded = load_config(FilterConfig, recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    typer.echo(f"accepted {metrics['accepted']}/{metrics['rows']} traces -> {loaded.config.out / 'accepted.parquet'}")
 
 
 @app.command(context_settings=_PASS_THROUGH)

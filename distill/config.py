@@ -338,6 +338,7 @@ def _convert(value: Any, kind: Any) -> Any:
 STAGE_CONFIGS: dict[str, str] = {
     "generate": "distill.teacher.generate:GenerateConfig",
     "grpo": "distill.students.grpo:GRPOConfig",
+    "filter": "distill.teacher.filter:FilterConfig",
 }
 
 

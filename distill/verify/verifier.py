@@ -1,0 +1,158 @@
+"""The verifier: is a completion's final answer equal to the reference? One implementation for
+`distill filter` (rejection sampling), `distill eval` (scoring) and `distill grpo` (reward).
+
+    with Verifier(workers=2, timeout_s=5.0) as verifier:
+        verdicts = verifier.grade([(reference, completion), ...])
+
+Per pair: the reference's final answer (`reference_answer`: GSM8K `#### 72`, a boxed worked
+solution, or the answer itself) and the completion's (`extract_answer`: after the reasoning
+only) are taken in this process; settled here if trivial (identical strings, two integers);
+else looked up in the cache keyed by (reference answer, extracted answer); else checked by
+math-verify in a worker process under a hard wall-clock limit (`distill.verify.pool`). Pairs
+repeated within one call are checked once.
+
+Verdict reasons: "correct" | "wrong" | "no_answer" (nothing extractable) | "bad_reference"
+(the reference is missing or math-verify cannot read it: `correct` is None, never counted as
+wrong) | "timeout" (the check did not finish within the limit: hung, crashed or raised;
+`correct` is None). Reference problems win over a missing answer: with a bad reference nothing
+can be judged.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from distill.verify.equivalence import quick_verdict
+from distill.verify.extract import extract_answer, reference_answer
+from distill.verify.pool import HardLimitPool, default_workers
+
+_CACHE_LIMIT = 1_000_000  # entries; a GRPO run grades millions of pairs, memory must stay bounded
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool | None  # None when not decided (bad_reference, timeout)
+    extracted: str | None  # the final answer taken from the completion
+    reason: str  # "correct" | "wrong" | "no_answer" | "bad_reference" | "timeout"
+
+
+class Verifier:
+    """Context manager; a process pool with a hard wall-clock limit per check (started on the
+    first check that needs it). Thread-safe: concurrent `grade` calls run one after another."""
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        timeout_s: float = 5.0,
+        think_tags: tuple[str, str] = ("<think>", "</think>"),
+        memory_limit_mb: int | None = 4096,
+    ):
+        assert timeout_s > 0, f"timeout_s must be positive, got {timeout_s}"
+        assert len(think_tags) == 2 and think_tags[1], f"think_tags is (start, end) with a non-empty end, got {think_tags!r}"
+        self.workers = workers or default_workers()
+        self.timeout_s = float(timeout_s)
+        self.think_tags = (think_tags[0], think_tags[1])
+        self.memory_limit_mb = memory_limit_mb
+        self.stats: Counter[str] = Counter()  # pairs, quick, cached, checked, timeout, crashed, error, restarts
+        self.latencies: list[float] = []  # seconds of each check a worker ran (for benchmarks)
+        self._cache: dict[tuple[str, str | None], tuple[bool | None, str]] = {}
+        self._pool: HardLimitPool | None = None
+        self._lock = threading.Lock()
+
+    def grade(self, items: Sequence[tuple[str | None, str]]) -> list[Verdict]:
+        """One Verdict per (reference, completion) pair, in order."""
+        with self._lock:
+            return self._grade(items)
+
+    def grade_one(self, reference: str | None, completion: str) -> Verdict:
+        return self.grade([(reference, completion)])[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self.stats["restarts"] += self._pool.restarts
+                self._pool.close()
+                self._pool = None
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten close() must not leave processes behind
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.close()
+
+    # ----------------------------------------------------------------------------------------
+
+    def _grade(self, items: Sequence[tuple[str | None, str]]) -> list[Verdict]:
+        start, end = self.think_tags
+        verdicts: list[Verdict | None] = [None] * len(items)
+        extracted: list[str | None] = [None] * len(items)
+        pending: dict[tuple[str, str | None], list[int]] = {}
+        for index, (reference, completion) in enumerate(items):
+            self.stats["pairs"] += 1
+            answer = extract_answer(completion, think_end=end, think_start=start)
+            extracted[index] = answer
+            gold = reference_answer(reference)
+            if gold is None:
+                verdicts[index] = Verdict(None, answer, "bad_reference")
+                self.stats["quick"] += 1
+                continue
+            key = (gold, answer)
+            known = self._cache.get(key)
+            if known is not None:
+                self.stats["cached"] += 1
+            else:
+                known = quick_verdict(gold, answer)
+                if known is not None:
+                    self.stats["quick"] += 1
+            if known is not None:
+                verdicts[index] = Verdict(known[0], answer, known[1])
+            else:
+                pending.setdefault(key, []).append(index)
+        if pending:
+            keys = list(pending)
+            for key, outcome in zip(keys, self._check(keys)):
+                self._remember(key, outcome)
+                for index in pending[key]:
+                    verdicts[index] = Verdict(outcome[0], extracted[index], outcome[1])
+        return verdicts  # type: ignore[return-value]
+
+    def _check(self, keys: list[tuple[str, str | None]]) -> list[tuple[bool | None, str]]:
+        if self._pool is None:
+            self._pool = HardLimitPool(
+                "distill.verify.equivalence:check",
+                workers=self.workers,
+                timeout_s=self.timeout_s,
+                warm_up="distill.verify.equivalence:warm_up",
+                preload=["distill.verify.equivalence", "math_verify"],
+                memory_limit_mb=self.memory_limit_mb,
+            )
+        results = []
+        for outcome in self._pool.run(keys):
+            self.stats["checked"] += 1
+            self.latencies.append(outcome.seconds)
+            if outcome.status == "ok":
+                results.append(tuple(outcome.value))
+            else:
+                self.stats[outcome.status] += 1  # timeout | crashed | error: undecided
+                results.append((None, "timeout"))
+        return results
+
+    def _remember(self, key: tuple[str, str | None], outcome: tuple[bool | None, str]) -> None:
+        if len(self._cache) >= _CACHE_LIMIT:
+            for old in list(self._cache)[: _CACHE_LIMIT // 2]:  # dicts keep insertion order: oldest first
+                del self._cache[old]
+        self._cache[key] = outcome
+
+    def summary(self) -> dict[str, float]:
+        """Counts for a run's stats: pairs graded, settled without a worker, cache hits, checks
+        run in workers, undecided ones, workers replaced."""
+        restarts = self.stats["restarts"] + (self._pool.restarts if self._pool is not None else 0)
+        return {**{k: v for k, v in self.stats.items() if k != "restarts"}, "worker_restarts": restarts}

@@ -1,0 +1,330 @@
+"""The shared verifier: extraction, equivalence, the hard time limit, and agreement with the
+recorded verdicts of real long-CoT outputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import shared_path
+from distill.verify import (
+    Verdict,
+    Verifier,
+    check_format,
+    check_language,
+    check_repetition,
+    extract_answer,
+    reference_answer,
+)
+from distill.verify.pool import HardLimitPool
+
+LIMIT_S = 1.0  # the verifier's hard limit in these tests
+SLACK_S = 1.0  # how much later than the limit a check may end (process kill + scheduling on a busy machine)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with Verifier(workers=2, timeout_s=LIMIT_S) as shared:
+        yield shared
+
+
+def think(answer_text: str, reasoning: str = "Let me work it out.") -> str:
+    return f"<think>\n{reasoning}\n</think>\n\n{answer_text}"
+
+
+# --------------------------------------------------------------------------------------------
+# extraction
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (think("So the answer is \\boxed{42}."), "42"),
+        (think("\\boxed{\\frac{1}{2}}"), "\\frac{1}{2}"),
+        (think("first \\boxed{1}, finally \\boxed{2}"), "2"),  # the last box
+        (think("\\fbox{7}"), "7"),
+        (think("\\boxed{\\{1, 2\\}}"), "\\{1, 2\\}"),  # escaped braces do not count
+        (think("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}"), "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+        (think("$\\boxed{x^{2}+1}$"), "x^{2}+1"),
+        (think("\\boxed 5"), "5"),
+        (think("\\boxed{3} and then \\boxed{4"), "3"),  # an unbalanced last box is passed over
+        (think("The final answer is $\\frac{3}{4}$."), "\\frac{3}{4}"),
+        (think("**Answer:** 1,000 apples"), "1,000"),
+        (think("The answer is (C)."), "C"),
+        (think("the answer is correct, so ... #### 72"), "72"),  # prose after 'answer is' is not an answer
+        ("no thinking at all, the answer is \\boxed{9}", "9"),  # no think block: the whole text
+        ("<think>I guess \\boxed{5} but let me check", None),  # thinking never ended
+        (think("I am done.", reasoning="maybe \\boxed{5}"), None),  # a box in the reasoning does not count
+        (think(""), None),
+        (think("\\boxed{}"), None),
+    ],
+)
+def test_extract_answer(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+def test_extract_answer_with_other_think_tags():
+    completion = "<|begin_of_thought|>\nsurely \\boxed{1}\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\\boxed{2}\n<|end_of_solution|>"
+    assert extract_answer(completion, think_end="<|end_of_thought|>", think_start="<|begin_of_thought|>") == "2"
+    assert extract_answer(completion) == "2"  # no <think> tags: the whole text, whose last box is 2
+
+
+@pytest.mark.parametrize(
+    "reference, expected",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,072", "1072"),  # GSM8K
+        ("So the area is $\\boxed{\\frac{9}{2}}$.", "\\frac{9}{2}"),  # a worked solution
+        ("$27$", "27"),
+        ("  ", None),
+        (None, None),
+    ],
+)
+def test_reference_answer(reference, expected):
+    assert reference_answer(reference) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, ok",
+    [
+        ("<think>\nreasoning\n</think>\n\\boxed{1}", True),
+        ("  <think>reasoning</think> final", True),
+        ("<think>\n\n</think>\n\\boxed{1}", False),  # empty reasoning
+        ("<think>reasoning</think>   ", False),  # nothing after the reasoning
+        ("reasoning</think>\\boxed{1}", False),  # no opening tag
+        ("<think>a</think><think>b</think>\\boxed{1}", False),  # two blocks
+        ("preamble <think>a</think>\\boxed{1}", False),  # text before the block
+        ("</think><think>a\\boxed{1}", False),  # wrong order
+    ],
+)
+def test_check_format(completion, ok):
+    assert check_format(completion) is ok
+
+
+def test_check_format_custom_tags():
+    tags = ("<|begin_of_thought|>", "<|end_of_thought|>")
+    assert check_format("<|begin_of_thought|>x<|end_of_thought|>\n\\boxed{1}", tags)
+    assert not check_format("<think>x</think>\n\\boxed{1}", tags)
+
+
+# --------------------------------------------------------------------------------------------
+# equivalence
+
+
+TRUE_CASES = [
+    ("\\frac{1}{2}", "0.5"),
+    ("\\frac12", "\\dfrac{1}{2}"),
+    ("2\\sqrt{2}", "\\sqrt{8}"),
+    ("[1,2)", "[1, 2)"),
+    ("(-\\infty, 3)", "(-\\infty,3)"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("10\\text{ cm}", "10"),  # units
+    ("\\text{(C)}", "C"),  # choices
+    ("90^\\circ", "90"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})"),
+    ("x^2+1", "1+x^2"),
+    ("1000", "1,000"),
+    ("5", "5.0"),
+    ("007", "7"),
+    ("\\$18", "18"),
+]
+FALSE_CASES = [
+    ("5", "6"),
+    ("\\frac{1}{2}", "\\frac{1}{3}"),
+    ("(1,2]", "[1,2]"),
+    ("2", "2,3"),
+    ("\\text{(A)}", "B"),
+    ("\\pi", "3.14"),
+    ("\\sqrt{2}", "2"),
+    ("x+1", "x-1"),
+]
+
+
+def test_equivalence_hand_written_cases(verifier):
+    items = [(ref, think(f"\\boxed{{{answer}}}")) for ref, answer in TRUE_CASES + FALSE_CASES]
+    verdicts = verifier.grade(items)
+    for (ref, answer), verdict in zip(TRUE_CASES, verdicts[: len(TRUE_CASES)]):
+        assert verdict == Verdict(True, answer, "correct"), f"{ref} vs {answer}: {verdict}"
+    for (ref, answer), verdict in zip(FALSE_CASES, verdicts[len(TRUE_CASES) :]):
+        assert verdict == Verdict(False, answer, "wrong"), f"{ref} vs {answer}: {verdict}"
+
+
+def test_reasons_no_answer_and_bad_reference(verifier):
+    verdicts = verifier.grade([
+        ("7", "<think>the answer is \\boxed{7}"),  # cut off inside the reasoning
+        ("\\frac{1}{2}", think("I do not know.")),
+        (None, think("\\boxed{7}")),
+        ("", think("\\boxed{7}")),
+        ("#### ", think("\\boxed{7}")),
+    ])
+    assert [v.reason for v in verdicts] == ["no_answer", "no_answer", "bad_reference", "bad_reference", "bad_reference"]
+    assert [v.correct for v in verdicts] == [False, False, None, None, None]  # a bad reference is never "wrong"
+
+
+def test_gsm8k_reference_and_order_kept(verifier):
+    gsm8k = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n#### 18"
+    verdicts = verifier.grade([(gsm8k, think("\\boxed{18}")), (gsm8k, think("\\boxed{9}")), ("\\frac{2}{3}", think("\\boxed{4/6}"))])
+    assert [v.correct for v in verdicts] == [True, False, True]
+
+
+def test_cache_by_reference_and_answer(verifier):
+    item = ("\\frac{3}{7}", think("\\boxed{\\frac{6}{14}}", reasoning="one way"))
+    same_answer = ("\\frac{3}{7}", think("\\boxed{\\frac{6}{14}}", reasoning="another way"))
+    verifier.grade([item])
+    checked, cached = verifier.stats["checked"], verifier.stats["cached"]
+    assert verifier.grade([same_answer, item]) == [Verdict(True, "\\frac{6}{14}", "correct")] * 2
+    assert verifier.stats["checked"] == checked, "a repeated (reference, answer) pair must not be checked again"
+    assert verifier.stats["cached"] == cached + 2
+
+
+# --------------------------------------------------------------------------------------------
+# the hard limit
+
+
+ADVERSARIAL = [
+    ("5", "10^{10^{10^{10}}}"),
+    ("10^{10^{10^{10}}}", "10^{10^{10^{11}}}"),
+    ("\\frac{1}{3}", "{" * 5000 + "1" + "}" * 5000),  # deeply nested braces
+    ("\\frac{1}{3}", "\\frac{" * 2000 + "1" + "}{2}" * 2000),
+    ("1", "1+" * 50_000 + "1"),  # a 100k-character answer
+    ("x", "(" * 3000 + "x" + ")" * 3000),
+]
+
+
+def test_adversarial_answers_end_within_the_limit(verifier):
+    items = [(ref, think(f"\\boxed{{{answer}}}")) for ref, answer in ADVERSARIAL]
+    started = time.monotonic()
+    verdicts = verifier.grade(items)
+    elapsed = time.monotonic() - started
+    assert len(verdicts) == len(items)
+    assert all(v.reason in ("correct", "wrong", "timeout") for v in verdicts), verdicts
+    assert verdicts[0].correct is not True  # 10^10^10^10 is not 5, whatever happens
+    # Two workers, each check under the limit: the whole batch within len/2 limits (+ slack).
+    assert elapsed <= len(items) / 2 * LIMIT_S + SLACK_S * 2, f"adversarial batch took {elapsed:.1f}s"
+    assert max(verifier.latencies[-len(items):]) <= LIMIT_S + SLACK_S
+    # The pool is whole afterwards: a plain check still works.
+    assert verifier.grade_one("\\frac{1}{2}", think("\\boxed{0.5}")).correct is True
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    reference=st.text(alphabet="0123456789x+-*/^{}()[]\\,.= fracsqtbox", max_size=30),
+    answer=st.text(alphabet="0123456789x+-*/^{}()[]\\,.= fracsqtbox$", max_size=60),
+    noise=st.text(max_size=80),
+)
+def test_fuzzed_inputs_always_get_a_verdict(verifier, reference, answer, noise):
+    completion = f"<think>{noise}</think>\\boxed{{{answer}}} {noise}"
+    started = time.monotonic()
+    verdict = verifier.grade_one(reference, completion)
+    assert time.monotonic() - started <= LIMIT_S + SLACK_S
+    assert verdict.reason in ("correct", "wrong", "no_answer", "bad_reference", "timeout")
+    assert (verdict.correct is None) == (verdict.reason in ("bad_reference", "timeout"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    answer=st.text(alphabet=st.characters(blacklist_characters="{}\\$", blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(lambda s: s.strip() and not s.strip().endswith(".")),
+    reasoning=st.text(max_size=200).filter(lambda s: "</think>" not in s and "<think>" not in s),
+)
+def test_extraction_finds_the_boxed_answer_after_any_reasoning(answer, reasoning):
+    completion = f"<think>{reasoning} \\boxed{{decoy}}</think>\nSo: \\boxed{{{answer}}}"
+    assert extract_answer(completion) == answer.strip()
+
+
+def _stubborn_sleep(seconds: float) -> float:
+    """Stands in for C code that never returns to the interpreter: the soft SIGALRM is blocked."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    return seconds
+
+
+def _exit_now(code: int) -> None:
+    import os
+
+    os._exit(code)  # a worker that dies mid-check (a segfault would look the same)
+
+
+def test_pool_kills_a_stuck_worker_and_replaces_it():
+    pool = HardLimitPool(f"{__name__}:_stubborn_sleep", workers=2, timeout_s=0.5)
+    try:
+        started = time.monotonic()
+        outcomes = pool.run([(30.0,), (0.01,), (0.01,), (30.0,), (0.01,)])
+        elapsed = time.monotonic() - started
+        assert [o.status for o in outcomes] == ["timeout", "ok", "ok", "timeout", "ok"]
+        assert outcomes[1].value == 0.01
+        assert pool.restarts == 2
+        assert elapsed < 0.5 * 2 + SLACK_S * 2, f"took {elapsed:.1f}s: a stuck task held the pool up"
+        assert max(o.seconds for o in outcomes) <= 0.5 + SLACK_S
+    finally:
+        pool.close()
+
+
+def test_pool_survives_a_crashing_worker():
+    pool = HardLimitPool(f"{__name__}:_exit_now", workers=1, timeout_s=5.0)
+    try:
+        outcomes = pool.run([(3,)])
+        assert outcomes[0].status == "crashed"
+        assert pool.restarts == 1
+    finally:
+        pool.close()
+
+
+# --------------------------------------------------------------------------------------------
+# real long-CoT outputs (Sky-T1 format), against their recorded verdicts
+
+
+def test_agreement_with_recorded_verdicts_on_real_traces(verifier):
+    rows = []
+    for name in ("sky-t1-math-correct-5k-32b_aime24.jsonl", "sky-t1-math-correct-5k-27b_math500.jsonl"):
+        rows += [json.loads(line) for line in shared_path(f"traces/{name}").read_text().splitlines()]
+    tags = ("<|begin_of_thought|>", "<|end_of_thought|>")
+    with Verifier(workers=2, timeout_s=5.0, think_tags=tags) as sky:
+        verdicts = sky.grade([(row["answer"], row["code"][0]) for row in rows])
+    recorded = [row["score"][0] for row in rows]
+    decided = [(v.correct, r) for v, r in zip(verdicts, recorded) if v.reason in ("correct", "wrong")]
+    agreement = sum(ours == theirs for ours, theirs in decided) / len(decided)
+    # Where we find an answer we agree with the recorded verdicts on 97% (see docs/filter.md:
+    # the disagreements are mostly the recorded evaluator's extraction errors).
+    assert len(decided) >= 250
+    assert agreement >= 0.95, f"agreement {agreement:.3f} on {len(decided)} decided traces"
+    assert not any(v.reason == "timeout" for v in verdicts)
+    # Traces that never finish their reasoning are never credited, whatever the recorded score.
+    for row, verdict in zip(rows, verdicts):
+        if "<|begin_of_thought|>" in row["code"][0] and "<|end_of_thought|>" not in row["code"][0]:
+            assert verdict.correct is not True
+
+
+# --------------------------------------------------------------------------------------------
+# language and repetition
+
+
+def test_language_check():
+    problem = "Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b$."
+    english = "<think>We need b+7 to divide 9b+7, so b+7 divides 56.</think>\\boxed{70}"
+    mixed = "<think>We need b+7 to divide 9b+7. 所以我们需要找到所有满足条件的整数底数并求和计算结果。</think>\\boxed{70}"
+    assert check_language(problem, english).ok
+    result = check_language(problem, mixed)
+    assert not result.ok and result.longest_foreign_run > 20
+    assert check_language("求 $1+1$ 的值。", "<think>我们计算 1+1=2。</think>\\boxed{2}").ok
+    # A few foreign letters under the thresholds pass (a name, a quoted symbol).
+    assert check_language(problem, english * 20 + " (see 数学)", max_foreign_fraction=0.01, max_foreign_run=20).ok
+    # Greek letters are mathematics, not a language.
+    assert check_language(problem, "<think>Let α = β + γ and θ = π/2.</think>\\boxed{70}").ok
+
+
+def test_repetition_check():
+    normal = " ".join(f"Step {i}: we add {i} and {i + 1} to get {2 * i + 1}." for i in range(200))
+    loop = normal[:2000] + " Wait, let me recompute the sum of the first terms again carefully." * 60
+    assert check_repetition(normal).ok
+    looped = check_repetition(loop)
+    assert not looped.ok and looped.max_repeats > 10
+    assert not check_repetition("1" * 20_000).ok  # a run of one character is a loop too
+    assert check_repetition("short").ok
