@@ -8,6 +8,7 @@ line and exit non-zero; anything else keeps its traceback because it is a bug.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -90,13 +91,24 @@ def filter_(
 
 
 @app.command(context_settings=_PASS_THROUGH)
-def train(ctx: typer.Context) -> None:
-    """Fine-tune a student (e.g. --student qwen-7b) on accepted traces.
+def train(
+    student: Optional[str] = typer.Option(None, "--student", help="Preset (qwen-1.5b, qwen-7b, qwen-14b, qwen-32b, llama-8b, llama-70b), hub id or local model directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="Parquet/JSONL with chat `messages` (or problem + completion), or a `distill filter` run directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory; rerunning the same command resumes from its last checkpoint."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Fine-tune a student (e.g. --student qwen-7b) on accepted traces; under torchrun on many GPUs.
 
     Reads a Parquet/JSONL with chat `messages` (or problem + completion); writes a Hugging Face
     model directory, checkpoints, config.yaml, metrics.jsonl and metrics.json into RUN_DIR.
     """
-    _not_built("train", 5)
+    from distill.students.sft import load_train_config, run
+
+    loaded = load_train_config(recipe=recipe, flags={"student": student, "data": data, "out": out}, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(metrics["model_dir"])
 
 
 @app.command(context_settings=_PASS_THROUGH)

@@ -339,6 +339,7 @@ STAGE_CONFIGS: dict[str, str] = {
     "generate": "distill.teacher.generate:GenerateConfig",
     "grpo": "distill.students.grpo:GRPOConfig",
     "filter": "distill.teacher.filter:FilterConfig",
+    "train": "distill.students.sft:TrainConfig",
 }
 
 

@@ -1,0 +1,396 @@
+"""Training data for students: conversations -> token ids + loss mask -> packed micro-batches.
+
+This module is THE one place where the loss mask is decided. The rule: a token is trained on
+exactly when the student would generate it at inference, i.e. the text of every assistant turn
+(reasoning and answer) followed by the end-of-turn token; never the system/user text, the
+role headers, a generation prefill such as `<think>\\n`, or whatever the template prints after
+the end-of-turn token.
+
+How a conversation is rendered (`render_segments`):
+1. Each assistant message's content is swapped for a sentinel and the whole conversation is
+   rendered with the chat template. A template may rewrite assistant content (R1-Distill's keeps
+   only the text after `</think>`, Llama-3's trims it); the sentinel passes through untouched,
+   and the real content is put back afterwards. So the reasoning is never lost.
+2. For each assistant turn the template's generation prompt for the conversation so far is
+   rendered too. It must extend the text before the sentinel; whatever it adds (the `<think>\\n`
+   prefill of R1-style templates) is moved from the start of the content to the prompt side,
+   because at inference it is given, not generated.
+3. The text after the sentinel must start with the end-of-turn token, which is trained on.
+4. Segments are tokenized one by one (add_special_tokens=False: templates print their own BOS).
+   Tokenizing the prompt separately from the reply is what inference does (the prompt is
+   tokenized up to the assistant header, then the model generates), so no BPE merge straddles
+   the boundary between what is given and what is learned.
+
+Packing (`plan_step`): a step takes `global_batch` sequences; they are spread over ranks by
+token count (longest first, to the rank with fewest tokens), and each rank packs its share into
+micro-batches of at most `micro_batch_tokens` tokens (best-fit decreasing). A packed micro-batch
+is one row of concatenated sequences whose position ids restart at 0 for each sequence; the
+attention kernels (flash-attn varlen on GPU, transformers' packed-sequence mask on CPU) read
+the boundaries from the position ids, so no token attends across sequences. Targets are shifted
+inside each sequence before concatenation, so no sequence predicts its neighbour's first token.
+With packing off, a micro-batch is `micro_batch_size` sequences padded to the longest.
+Every rank computes the same plan from the lengths alone, so every rank knows the global
+number of trained tokens of a step without communicating, and all ranks run the same number of
+micro-batches (a rank with fewer runs empty ones: FSDP's collectives must match).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from distill.errors import ConfigError, InputError
+from distill.records import iter_jsonl, record_from_row
+
+IGNORE = -100  # target of a position that is not trained on
+_SENTINEL = "\ue000distill-assistant-{}\ue001"  # private-use characters: no template touches them
+_SENTINEL_RE = re.compile("\ue000distill-assistant-(\\d+)\ue001")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    where: str  # "file:line" or "file:row N", for error messages
+
+
+def read_conversations(source: str | Path, split: str = "train", on_bad_row: str = "error") -> tuple[list[Conversation], list[str]]:
+    """Conversations from Parquet/JSONL (a `messages` column, or `problem` + `completion`), a
+    `distill filter` run directory (its accepted.parquet), or a hub dataset name.
+    Returns (conversations, skipped-row messages)."""
+    path = Path(source)
+    if path.is_dir():
+        candidate = path / "accepted.parquet"
+        if not candidate.is_file():
+            raise InputError(f"{path}: a directory without accepted.parquet; pass a Parquet/JSONL file or a `distill filter` run directory")
+        path = candidate
+    if path.is_file():
+        rows = _file_rows(path)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not path.suffix:
+        rows = _hub_rows(str(source), split)
+    else:
+        raise InputError(f"{source}: data not found; pass a Parquet/JSONL file, a `distill filter` run directory, or a hub dataset name")
+    conversations: list[Conversation] = []
+    skipped: list[str] = []
+    for where, row in rows:
+        try:
+            conversations.append(Conversation(row_messages(row, where), where))
+        except InputError as error:
+            if on_bad_row == "skip":
+                skipped.append(str(error))
+                continue
+            raise InputError(f"{error}; fix the row or pass on_bad_row=skip") from None
+    return conversations, skipped
+
+
+def row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The chat messages of one row, checked: roles and string contents, at least one assistant
+    turn with text in it."""
+    messages = row.get("messages")
+    if messages is None:
+        if "problem" in row and "completion" in row:
+            # The trace form: reuse the record reader (prompt JSON, minimal form) for one meaning.
+            messages = record_from_row({"answer": None, **row}, where).messages()
+        else:
+            raise InputError(f"{where}: no 'messages' column and no 'problem' + 'completion'; a training row needs one of the two")
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except ValueError:
+            raise InputError(f"{where}: 'messages' is a string that is not JSON") from None
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    clean = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise InputError(f"{where}: message {number} is not {{role: str, content: str}}")
+        clean.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in clean):
+        raise InputError(f"{where}: no assistant turn with text, so nothing to train on")
+    return clean
+
+
+def _file_rows(path: Path) -> Iterable[tuple[str, dict]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow raises several types for a bad file
+            raise InputError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0][:120]})") from None
+        return ((f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), start=1))
+    if path.suffix in (".jsonl", ".json"):
+        return ((f"{path}:{n}", row) for n, row in iter_jsonl(path))
+    raise InputError(f"{path}: unsupported data file type '{path.suffix}'; use .parquet or .jsonl")
+
+
+def _hub_rows(name: str, split: str) -> Iterable[tuple[str, dict]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as error:  # offline, unknown name, unknown split: all one message for the user
+        raise InputError(f"{name}: could not load this hub dataset (split '{split}'): {str(error).splitlines()[0][:160]}") from None
+    return ((f"{name}[{split}]:row {n}", row) for n, row in enumerate(dataset, start=1))
+
+
+# --------------------------------------------------------------------------------------------
+# rendering and tokenizing: the loss mask
+
+
+@dataclass
+class RenderNotes:
+    """What rendering had to say about a dataset (reported once, not per row)."""
+
+    prefill_missing: int = 0  # assistant turns that do not open with the template's prefill
+    prefill: str = ""
+
+
+def render_segments(messages: list[dict[str, str]], tokenizer, template, notes: RenderNotes | None = None) -> list[tuple[str, bool]]:
+    """(text, trained) segments of one conversation, in order; see the module docstring."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    shown = [dict(m, content=_SENTINEL.format(k)) if m["role"] == "assistant" else dict(m) for k, m in _numbered(messages)]
+    full = _render(tokenizer, template, shown, generation_prompt=False)
+    found = [int(k) for k in _SENTINEL_RE.findall(full)]
+    if found != list(range(len(turns))):
+        raise ConfigError(
+            f"chat template '{template.name}' does not render each assistant message exactly once, in order; "
+            "choose another chat_template"
+        )
+    segments: list[tuple[str, bool]] = []
+    cursor = 0  # position in `full` up to which text is already in segments
+    for k, index in enumerate(turns):
+        marker = _SENTINEL.format(k)
+        start = full.index(marker)
+        before = full[:start]
+        generation = _render(tokenizer, template, shown[:index], generation_prompt=True)
+        if not generation.startswith(before):
+            raise ConfigError(
+                f"chat template '{template.name}' renders an assistant turn differently from its generation prompt, "
+                "so training would not match inference; choose another chat_template"
+            )
+        prefill = generation[len(before):]
+        content = messages[index]["content"]
+        prompt_text = full[cursor:start]
+        if prefill and content.startswith(prefill):
+            prompt_text, content = prompt_text + prefill, content[len(prefill):]
+        elif prefill and notes is not None:
+            notes.prefill_missing += 1
+            notes.prefill = prefill
+        after = start + len(marker)
+        if not full.startswith(template.end_of_turn, after):
+            raise ConfigError(
+                f"chat template '{template.name}' does not close assistant turns with {template.end_of_turn!r}; "
+                "set end_of_turn= to the token it uses"
+            )
+        segments.append((prompt_text, False))
+        segments.append((content + template.end_of_turn, True))
+        cursor = after + len(template.end_of_turn)
+    # Text after the last end-of-turn (e.g. ChatML's "\n") is never generated: not kept.
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _numbered(messages: list[dict[str, str]]) -> Iterable[tuple[int, dict[str, str]]]:
+    count = 0
+    for message in messages:
+        yield count, message
+        if message["role"] == "assistant":
+            count += 1
+
+
+def _render(tokenizer, template, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template.source, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # (T,) int32
+    loss_mask: np.ndarray  # (T,) bool: True where the token is trained on (predicted from t-1)
+    where: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize_segments(batch: Sequence[list[tuple[str, bool]]], tokenizer) -> list[Encoded]:
+    """Tokenize the segments of many conversations in one call (the Rust tokenizer is parallel)."""
+    texts = [text for segments in batch for text, _ in segments]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out: list[Encoded] = []
+    position = 0
+    for segments in batch:
+        pieces = ids[position : position + len(segments)]
+        position += len(segments)
+        input_ids = np.fromiter((t for piece in pieces for t in piece), dtype=np.int32)
+        loss_mask = np.concatenate([np.full(len(piece), trained, dtype=bool) for piece, (_, trained) in zip(pieces, segments)]) if pieces else np.zeros(0, bool)
+        out.append(Encoded(input_ids, loss_mask))
+    return out
+
+
+def encode(messages: list[dict[str, str]], tokenizer, template) -> Encoded:
+    """One conversation -> token ids and loss mask."""
+    return tokenize_segments([render_segments(messages, tokenizer, template)], tokenizer)[0]
+
+
+@dataclass
+class EncodedDataset:
+    examples: list[Encoded]
+    rows: int  # conversations read
+    dropped_too_long: int = 0
+    truncated: int = 0
+    dropped_untrained: int = 0  # nothing left to train on after truncation
+    skipped_rows: list[str] = field(default_factory=list)
+    notes: RenderNotes = field(default_factory=RenderNotes)
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(len(e) for e in self.examples))
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(sum(int(e.loss_mask.sum()) for e in self.examples))
+
+
+def encode_dataset(conversations: Sequence[Conversation], tokenizer, template, max_len: int, too_long: str = "drop", progress: bool = True) -> EncodedDataset:
+    """Encode every conversation; sequences over `max_len` tokens are dropped or truncated
+    (`too_long`), and counted either way."""
+    from tqdm.auto import tqdm
+
+    result = EncodedDataset(examples=[], rows=len(conversations))
+    bar = tqdm(total=len(conversations), desc="tokenize", unit="row", disable=not progress, leave=False)
+    for start in range(0, len(conversations), 512):
+        chunk = conversations[start : start + 512]
+        rendered = [render_segments(c.messages, tokenizer, template, result.notes) for c in chunk]
+        for conversation, example in zip(chunk, tokenize_segments(rendered, tokenizer)):
+            example.where = conversation.where
+            if len(example) > max_len:
+                if too_long == "drop":
+                    result.dropped_too_long += 1
+                    continue
+                example = Encoded(example.input_ids[:max_len], example.loss_mask[:max_len], example.where)
+                result.truncated += 1
+            # Position 0 is never predicted; a sequence needs a trained token after it.
+            if not example.loss_mask[1:].any():
+                result.dropped_untrained += 1
+                continue
+            result.examples.append(example)
+        bar.update(len(chunk))
+    bar.close()
+    return result
+
+
+def shifted_targets(example: Encoded) -> np.ndarray:
+    """(T,) next-token targets inside one sequence: targets[t] = ids[t+1] where token t+1 is
+    trained, else IGNORE; the last position predicts nothing."""
+    targets = np.full(len(example), IGNORE, dtype=np.int64)
+    trained = example.loss_mask[1:]
+    targets[:-1][trained] = example.input_ids[1:][trained]
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
+# batching
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of examples in one epoch; a pure function of (seed, epoch), so a resumed
+    run sees the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def plan_step(
+    lengths: Sequence[int],
+    indices: Sequence[int],
+    world: int,
+    packing: bool,
+    micro_batch_tokens: int,
+    micro_batch_size: int,
+) -> list[list[list[int]]]:
+    """plan[rank][micro] = example indices of one optimizer step (same plan on every rank)."""
+    ranked = sorted(indices, key=lambda i: (-lengths[i], i))  # longest first, ties by index
+    shares: list[list[int]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for index in ranked:
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(index)
+        loads[rank] += lengths[index]
+    plan = []
+    for share in shares:
+        if packing:
+            plan.append(_best_fit(share, lengths, micro_batch_tokens))
+        else:
+            plan.append([share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)])
+    depth = max((len(p) for p in plan), default=0)
+    for micro_batches in plan:
+        micro_batches.extend([] for _ in range(depth - len(micro_batches)))  # empty = a no-op micro-batch
+    return plan
+
+
+def _best_fit(share: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in share:  # already longest first
+        length = lengths[index]
+        if length > capacity:
+            raise ConfigError(f"a {length}-token sequence does not fit micro_batch_tokens={capacity}; raise micro_batch_tokens to at least max_seq_len")
+        best = None
+        for b, free in enumerate(room):
+            if free >= length and (best is None or free < room[best]):
+                best = b
+        if best is None:
+            bins.append([index])
+            room.append(capacity - length)
+        else:
+            bins[best].append(index)
+            room[best] -= length
+    return bins
+
+
+@dataclass
+class Batch:
+    input_ids: Any  # (B, T) long
+    position_ids: Any  # (B, T) long
+    targets: Any  # (B, T) long, IGNORE where not trained
+    attention_mask: Any | None  # (B, T) long, only when padded; None lets packing be detected
+    tokens: int  # real (non-padding) input tokens
+    trained: int  # trained target tokens
+    padded: int  # padding tokens
+    attention_pairs: int  # sum of L^2 over sequences (for attention FLOPs)
+
+
+def collate(examples: Sequence[Encoded], packing: bool, pad_id: int):
+    """Micro-batch tensors. Packed: (1, sum L) with position ids restarting per sequence and no
+    attention mask. Padded: (B, max L) with an attention mask. Empty: one ignored pad token."""
+    import torch
+
+    if not examples:
+        one = torch.tensor([[pad_id]])
+        return Batch(one, torch.zeros_like(one), torch.full_like(one, IGNORE), None, 0, 0, 1, 0)
+    targets = [shifted_targets(e) for e in examples]
+    pairs = int(sum(len(e) ** 2 for e in examples))
+    trained = int(sum(int((t != IGNORE).sum()) for t in targets))
+    if packing:
+        input_ids = torch.from_numpy(np.concatenate([e.input_ids for e in examples]).astype(np.int64))[None]
+        positions = torch.from_numpy(np.concatenate([np.arange(len(e)) for e in examples]))[None]
+        return Batch(input_ids, positions, torch.from_numpy(np.concatenate(targets))[None], None, input_ids.shape[1], trained, 0, pairs)
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    target_rows = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (example, target) in enumerate(zip(examples, targets)):
+        input_ids[row, : len(example)] = torch.from_numpy(example.input_ids.astype(np.int64))
+        target_rows[row, : len(example)] = torch.from_numpy(target)
+        mask[row, : len(example)] = 1
+    positions = torch.arange(width).expand(len(examples), width).clone()
+    real = int(mask.sum())
+    return Batch(input_ids, positions, target_rows, mask, real, trained, input_ids.numel() - real, pairs)
