@@ -125,14 +125,13 @@ def grpo(
     Reads problems with reference answers; writes a Hugging Face model directory, checkpoints,
     config.yaml, metrics.jsonl and metrics.json into RUN_DIR.
     """
-    import json
-
-    from distill.config import load_config
-    from distill.students.grpo import GRPOConfig, run
+    from distill.students.grpo import load_grpo_config, run
 
     flags = {"student": student, "data": data, "out": out, "variant": variant}
-    loaded = load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides or [])
-    typer.echo(json.dumps(run(loaded.config, loaded.sources)))
+    loaded = load_grpo_config(recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(metrics["model_dir"])
 
 
 @app.command(name="eval", context_settings=_PASS_THROUGH)

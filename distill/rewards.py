@@ -4,7 +4,8 @@
            + format_weight   * [<think> block, then a boxed answer]     (distill.verify.check_format)
            + overlong_weight * soft_overlong_penalty(length)            (DAPO; only when the
                                                                          algorithm's overlong = "penalty")
-           - repetition_weight * repetition_rate(completion)             (share of repeated n-grams)
+           - repetition_weight * [the completion loops]                  (distill.verify.check_repetition,
+                                                                         the filter's own loop test)
 
 Accuracy comes from `distill.verify.Verifier`, the same extraction and equivalence check that
 filters teacher traces and scores the benchmarks, so the RL reward cannot drift from the eval.
@@ -20,7 +21,6 @@ loss, and the run counts them (metrics `unverifiable`, `timeouts`).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,13 +34,14 @@ class RewardConfig:
     overlong: float = 1.0  # weight of DAPO's soft overlong punishment (used when overlong = "penalty")
     overlong_buffer: int | None = None  # DAPO's L_cache in tokens; None: max_tokens // 5 (DAPO: 4096 of 20480)
     repetition: float = 0.0  # weight of the repetition penalty (0: off)
-    repetition_ngram: int = 4  # n of the word n-grams it counts
+    repetition_ngram: int = 50  # a loop is an n-gram of this many words ...
+    repetition_max_repeats: int = 10  # ... repeated more often than this (the filter's defaults)
 
     def __post_init__(self) -> None:
         if self.overlong_buffer is not None and self.overlong_buffer <= 0:
             raise ValueError("rewards.overlong_buffer must be a positive number of tokens (or null for max_tokens // 5)")
-        if self.repetition_ngram < 1:
-            raise ValueError("rewards.repetition_ngram must be at least 1")
+        if self.repetition_ngram < 1 or self.repetition_max_repeats < 1:
+            raise ValueError("rewards.repetition_ngram and rewards.repetition_max_repeats must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,6 @@ def soft_overlong_penalty(length: int, max_tokens: int, buffer: int) -> float:
     return -1.0
 
 
-def repetition_rate(text: str, n: int = 4) -> float:
-    """The share of word n-grams of `text` that repeat an earlier one: 0 for none, towards 1 for
-    a completion stuck in a loop (the repetition penalty of "Demystifying Long Chain-of-Thought
-    Reasoning", Yeo et al. 2025, on whitespace-split words)."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(Counter(grams)) / len(grams)
-
-
 def score(
     verifier,
     references: Sequence[str | None],
@@ -92,7 +82,7 @@ def score(
     """One Reward per completion. references[i] is the reference answer of completion i's problem
     (None: the problem has none); completions are full texts (prefill included); lengths are the
     generated token counts."""
-    from distill.verify import check_format
+    from distill.verify import check_format, check_repetition
 
     assert len(references) == len(completions) == len(lengths), "one reference and one length per completion"
     graded = [i for i, reference in enumerate(references) if reference is not None]
@@ -103,7 +93,8 @@ def score(
         verdict = verdicts.get(i)
         formatted = bool(check_format(completion, think=think))
         overlong = cfg.overlong * soft_overlong_penalty(length, max_tokens, buffer) if overlong_penalty else 0.0
-        repetition = -cfg.repetition * repetition_rate(completion, cfg.repetition_ngram) if cfg.repetition else 0.0
+        loops = cfg.repetition and not check_repetition(completion, cfg.repetition_ngram, cfg.repetition_max_repeats).ok
+        repetition = -cfg.repetition if loops else 0.0
         if verdict is None or verdict.correct is None:
             reason = "no_reference" if verdict is None else verdict.reason
             rewards.append(Reward(None, None, formatted, overlong, repetition, reason))

@@ -66,7 +66,7 @@ def config(task, out: Path, **overrides):
     model_dir, data = task
     values = dict(
         student=str(model_dir), data=str(data), out=out, instruction=None,
-        group_size=8, prompts_per_step=4, max_tokens=2, steps=20, learning_rate=0.02,
+        group_size=8, prompts_per_step=4, max_tokens=2, steps=20, lr=0.02,
         micro_batch_size=16, save_every=10, seed=0,
     )
     values.update(overrides)
@@ -141,14 +141,14 @@ def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch
         dict(variant="dapo", mu=2, minibatches=2),
         dict(variant="dapo", overlong="mask", max_tokens=3),
         dict(variant="dr_grpo", beta=0.1),
-        dict(variant="grpo", beta=0.1, lora_rank=4),
+        dict(variant="grpo", beta=0.1, lora=True, lora_r=4),
     ],
     ids=["dapo-mu2", "dapo-overlong-mask", "dr_grpo-kl", "grpo-lora-kl"],
 )
 def test_variants_run_and_report_their_figures(task, tmp_path, overrides):
     from distill.students.grpo import run
 
-    run(config(task, tmp_path / "run", steps=2, learning_rate=0.01, **overrides))
+    run(config(task, tmp_path / "run", steps=2, lr=0.01, **overrides))
     rows = metrics(tmp_path / "run")
     assert len(rows) == 2
     for row in rows:
@@ -171,7 +171,7 @@ def test_variants_run_and_report_their_figures(task, tmp_path, overrides):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
-def test_cli_runs_a_recipe_step_and_prints_the_final_figures(task, tmp_path, run_cli):
+def test_cli_runs_a_recipe_and_prints_the_model_dir(task, tmp_path, run_cli):
     model_dir, data = task
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"# distill grpo --recipe {recipe}\ngroup_size: 4\nprompts_per_step: 2\nmax_tokens: 2\ninstruction: null\n")
@@ -181,8 +181,7 @@ def test_cli_runs_a_recipe_step_and_prints_the_final_figures(task, tmp_path, run
         "--recipe", str(recipe), "steps=1", "micro_batch_size=8",
     )
     assert code == 0, stderr
-    final = json.loads(stdout)
-    assert final["variant"] == "dr_grpo" and Path(final["model_dir"]).is_dir()
+    assert Path(stdout.strip()).is_dir() and json.loads((out / "metrics.json").read_text())["variant"] == "dr_grpo"
     assert "variant: dr_grpo" in (out / "config.yaml").read_text()
 
 

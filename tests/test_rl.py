@@ -89,6 +89,16 @@ def test_sequence_weights_skip_masked_sequences_for_grpo_but_not_for_dr_grpo():
     assert sequence_weights(counts, "constant", max_tokens=8).tolist() == pytest.approx([1 / 24] * 3)
 
 
+def test_weights_of_one_rank_use_the_totals_of_the_whole_batch():
+    counts = torch.tensor([2.0, 0.0, 4.0, 3.0, 1.0])
+    for aggregation in ("sequence", "token", "constant"):
+        whole = sequence_weights(counts, aggregation, max_tokens=8)
+        totals = (5.0, 4.0, 10.0)  # sequences, sequences with a loss token, loss tokens
+        rank0 = sequence_weights(counts[:2], aggregation, max_tokens=8, totals=totals)
+        rank1 = sequence_weights(counts[2:], aggregation, max_tokens=8, totals=totals)
+        assert torch.allclose(torch.cat([rank0, rank1]), whole), aggregation
+
+
 def test_clipping_with_separate_low_and_high_epsilons():
     # one sequence per case, one token each; old log-prob 0, so ratio = exp(logprob)
     ratios = torch.tensor([1.5, 1.5, 0.5, 0.5])

@@ -53,29 +53,30 @@ Choices, and how this differs from the papers:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
+from distill.config import Loaded, describe_sources, load_config
 from distill.problems import Fields
 from distill.rewards import RewardConfig
-
-R1_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+from distill.teacher.prompts import R1_INSTRUCTION
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
     # what to train, on which problems, into which run directory
-    student: str  # a preset name (qwen-1.5b, ...) or a model path / hub id
+    student: str  # a preset (qwen-1.5b ... llama-70b), a hub id, or a local model directory
     data: str  # problems with reference answers: a file, a preset (gsm8k-train) or a hub dataset
-    out: Path
+    out: Path  # the run directory; rerunning the same command resumes from its last checkpoint
     data_dir: Optional[str] = None  # where presets' local copies live (else $DISTILL_DATA_DIR, else the hub)
-    limit: Optional[int] = None  # use only the first N problems
     fields: Fields = field(default_factory=Fields)  # column names of a file or hub dataset (presets know theirs)
     on_bad_row: Literal["error", "skip"] = "error"
+    limit: Optional[int] = None  # use only the first N problems
 
     # algorithm (None: the variant's choice; see distill.students.rl.VARIANTS)
     variant: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
@@ -88,57 +89,103 @@ class GRPOConfig:
     max_refills: int = 3  # dynamic sampling: extra rollouts per step to fill the batch (DAPO: max_num_gen_batches)
     beta: float = 0.0  # weight of the k3 KL penalty to the frozen initial policy
 
-    # rollouts
+    # rollouts (the prompt is rendered as distill generate / eval render it)
     group_size: int = 16  # G: completions per prompt
-    prompts_per_step: int = 32
+    prompts_per_step: int = 32  # over all ranks
     max_tokens: int = 32768  # completion length cap (R1-Zero: 32768)
     temperature: float = 1.0
     top_p: float = 1.0
     engine: Literal["hf", "vllm"] = "hf"
-    engine_options: dict[str, Any] = field(default_factory=dict)  # passed to the engine (e.g. gpu_memory_utilization)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # e.g. hf: batch_size; vllm: gpu_memory_utilization
     system: Optional[str] = None  # system prompt (None: whatever the chat template adds itself)
     instruction: Optional[str] = R1_INSTRUCTION  # appended to each problem
-    chat_template: Optional[str] = None  # override the student's template (jinja text, file or tokenizer_config.json)
+    chat_template: str = "auto"  # auto (the model's own) | chatml-think | chatml | llama3-think | llama3 | model | a .jinja file
+    end_of_turn: Optional[str] = None  # token closing the assistant turn (default: the template's)
 
     # optimisation
     steps: int = 1000  # rollout steps
     mu: int = 1  # epochs over each rollout batch
     minibatches: int = 1  # optimizer steps per epoch
     micro_batch_size: int = 4  # sequences per forward/backward
-    learning_rate: float = 3e-6
-    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    lr: float = 3e-6  # DeepSeek-R1-Zero
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0  # rollout steps of linear warm-up (DAPO: 10)
+    min_lr_ratio: float = 0.0  # cosine / linear decay ends at lr * min_lr_ratio
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    lora_rank: int = 0  # 0: full fine-tuning
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    seed: int = 0
+
+    # model and memory (the same knobs as distill train; a preset fills them in)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype; auto: bf16 on GPU, fp32 on CPU
+    rope_theta: Optional[float] = None
+    max_position_embeddings: Optional[int] = None
+    attn_implementation: str = "auto"
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    loss_chunk_tokens: int = 1024  # positions per LM-head chunk of the log-prob computation
+    lora: bool = False
+    lora_r: int = 16
     lora_alpha: int = 32
-    gradient_checkpointing: bool = False
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    quantize: Literal["none", "4bit"] = "none"
 
     # rewards and verification
     rewards: RewardConfig = field(default_factory=RewardConfig)
     verifier_workers: Optional[int] = None
     verifier_timeout_s: float = 5.0
 
-    # bookkeeping
-    seed: int = 0
+    # output
     save_every: int = 50  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    merge_lora: bool = True
+    export_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2: advantages are relative to the other completions of a prompt")
-        for name in ("prompts_per_step", "steps", "mu", "minibatches", "micro_batch_size", "max_tokens", "save_every"):
+        positive = ("prompts_per_step", "steps", "mu", "minibatches", "micro_batch_size", "max_tokens", "save_every",
+                    "keep_checkpoints", "loss_chunk_tokens", "lora_r")  # fmt: skip
+        for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.prompts_per_step * self.group_size < self.minibatches:
-            raise ValueError("minibatches cannot exceed prompts_per_step * group_size (each optimizer step needs a sequence)")
-        if self.beta < 0:
-            raise ValueError("beta must be >= 0")
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.beta < 0 or self.max_refills < 0 or self.warmup_steps < 0:
+            raise ValueError("beta, max_refills and warmup_steps must be >= 0")
         if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (RL samples; the ratio needs the sampling distribution)")
+            raise ValueError("temperature must be > 0: RL samples, and the ratio needs the sampling distribution")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.quantize != "none" and not self.lora:
+            raise ValueError("quantize=4bit is QLoRA: set lora=true too")
 
 
-# Settings that define what a run directory's checkpoints mean: resuming with others is refused.
-LOCKED = ("student", "data", "variant", "group_size", "prompts_per_step", "seed", "lora_rank")
+# Settings that define a run's trajectory: resuming a run directory with others is refused.
+LOCKED = (
+    "student", "data", "limit", "variant", "scale_advantages", "aggregation", "epsilon_low", "epsilon_high", "dynamic_sampling",
+    "overlong", "beta", "group_size", "prompts_per_step", "max_tokens", "temperature", "top_p", "system", "instruction",
+    "chat_template", "steps", "mu", "minibatches", "lr", "schedule", "warmup_steps", "seed", "lora", "lora_r", "rewards",
+)  # fmt: skip
+
+# What a student preset brings to grpo: the model and its memory plan, not SFT's optimisation
+# recipe (an RL learning rate is two orders of magnitude below a distillation one).
+PRESET_KEYS = ("rope_theta", "max_position_embeddings", "chat_template", "lora", "quantize", "activation_checkpointing", "cpu_offload")
+
+
+def load_grpo_config(recipe: str | Path | None = None, flags: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> Loaded[GRPOConfig]:
+    """The config from defaults < preset < recipe < flags < key=value (see distill train)."""
+    from distill.students.presets import is_preset, preset_values
+    from distill.students.sft import _gpus
+
+    first = load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides)
+    student = first.config.student
+    if not is_preset(student):
+        return first
+    preset = {k: v for k, v in preset_values(student, _gpus()).items() if k in PRESET_KEYS}
+    return load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides, preset=preset, preset_name=student)
 
 
 @dataclass
@@ -146,7 +193,7 @@ class Sample:
     """One completion of one prompt, with what the update needs."""
 
     prompt_ids: list[int]
-    completion_ids: list[int]  # generated tokens, the end-of-sequence token included when it stopped
+    completion_ids: list[int]  # generated tokens, the end-of-turn token included when it stopped
     text: str  # the full completion (the `<think>` prefill put back), as graded
     truncated: bool  # stopped at max_tokens
     reward: Any  # distill.rewards.Reward
@@ -166,11 +213,6 @@ class Group:
         return [s for s in self.samples if s.reward.total is not None]
 
 
-def _reference(problem) -> str | None:
-    """The problem's reference answer, None when it has none to check against."""
-    return problem.answer if problem.answer and problem.answer.strip() else None
-
-
 def sample_seed(seed: int, position: int, sample_index: int) -> int:
     """The seed of one completion: fixed by the run's seed and the completion's place in the data
     stream, so a resumed run samples exactly what an uninterrupted one would have."""
@@ -178,182 +220,229 @@ def sample_seed(seed: int, position: int, sample_index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def _reference(problem) -> str | None:
+    """The problem's reference answer, None when it has none to check against."""
+    return problem.answer if problem.answer and problem.answer.strip() else None
+
+
 def run(cfg: GRPOConfig, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+    from distill.students.parallel import close_distributed, init_distributed
+
+    dist = init_distributed(cfg.dtype)
+    try:
+        return _train(cfg, sources, dist)
+    finally:
+        if dist.distributed:
+            close_distributed()
+
+
+def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str, Any]:
     import torch
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     from distill.engines import Request, Sampling, make_engine
-    from distill.errors import InputError
+    from distill.errors import ConfigError, InputError
     from distill.problems import load_problems
     from distill.rewards import score
     from distill.rundir import RunDir
     from distill.students import rl
-    from distill.teacher.prompts import full_completion, load_chat_template, render_prompt
+    from distill.students.chat import apply_template, resolve_template
+    from distill.students.checkpoint import Checkpointer, export_model
+    from distill.students.parallel import shard
+    from distill.students.rl import PolicyScorer
+    from distill.students.sft import _export_dtype, build_optimizer, generation_config, load_student, lr_factor, resolve_student
+    from distill.teacher.prompts import full_completion, render_prompt
     from distill.verify import Verifier
 
-    # ---- the algorithm, the run directory -------------------------------------------------
+    # ---- the algorithm, the run directory (rank 0 writes) -----------------------------------
     algorithm = rl.resolve(
-        cfg.variant,
-        scale_advantages=cfg.scale_advantages,
-        aggregation=cfg.aggregation,
-        epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.epsilon_high,
-        dynamic_sampling=cfg.dynamic_sampling,
-        overlong=cfg.overlong,
-    )
-    run_dir = RunDir(cfg.out, "grpo", cfg, sources, locked=LOCKED)
-    run_dir.say(f"distill grpo: {algorithm} beta={cfg.beta} into {run_dir.path}")
+        cfg.variant, scale_advantages=cfg.scale_advantages, aggregation=cfg.aggregation, epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_high, dynamic_sampling=cfg.dynamic_sampling, overlong=cfg.overlong,
+    )  # fmt: skip
+    if cfg.prompts_per_step % dist.world:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {dist.world} processes (each rolls out its share)")
+    local_prompts = cfg.prompts_per_step // dist.world
+    run_dir = RunDir(cfg.out, "grpo", cfg, sources, locked=LOCKED) if dist.is_main else None
 
-    # ---- problems ---------------------------------------------------------------------------
+    def say(message: str) -> None:
+        if run_dir is not None:
+            run_dir.say(message)
+
+    dist.barrier()
+    say(f"distill grpo: {cfg.student} on {cfg.data} -> {cfg.out} ({dist.world} process{'es' if dist.world > 1 else ''} on {dist.device.type})")
+    say(f"algorithm: {algorithm}, beta={cfg.beta}")
+    if sources:
+        say("settings (and where each came from):\n" + describe_sources(cfg, sources))
+
+    # ---- problems: a seeded permutation per epoch; a position in that stream names a prompt --
     loaded = load_problems(
         cfg.data, data_dir=cfg.data_dir, limit=cfg.limit, on_bad_row=cfg.on_bad_row,
         fields=None if cfg.fields == Fields() else cfg.fields,  # None: a preset's own field names
-    )
+    )  # fmt: skip
     problems = loaded.problems
-    for reason in loaded.skipped:
-        run_dir.log.info(f"skipped: {reason}")
     if loaded.skipped:
-        run_dir.say(f"skipped {len(loaded.skipped)} bad rows of {cfg.data} (listed in grpo.log)")
+        say(f"skipped {len(loaded.skipped)} bad rows of {cfg.data}; first: {loaded.skipped[0]}")
     if not any(_reference(p) for p in problems):
         raise InputError(f"{cfg.data}: no problem has a reference answer; the GRPO reward needs one (an 'answer' field)")
+    say(f"{len(problems)} problems, {sum(1 for p in problems if not _reference(p))} without a reference (never rewarded)")
     orders: dict[int, list[int]] = {}
 
     def problem_at(position: int):
-        """The data stream: each epoch a fresh seeded permutation of the problems."""
         epoch, index = divmod(position, len(problems))
         if epoch not in orders:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            orders[epoch] = torch.randperm(len(problems), generator=generator).tolist()
+            orders[epoch] = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
         return problems[orders[epoch][index]]
 
-    # ---- the policy, its optimizer, the frozen reference ------------------------------------
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, policy = _load_student(cfg, device)
-    if cfg.chat_template:
-        tokenizer.chat_template = load_chat_template(cfg.chat_template)
+    # ---- student, chat template, policy, reference, optimiser (distill train's own code) -----
+    model_id, hf_config = resolve_student(cfg.student)
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    template = resolve_template(cfg.chat_template, tokenizer, cfg.end_of_turn)
+    apply_template(tokenizer, template)  # prompts render with it; generation stops at its end of turn
+    say(f"student {model_id}; chat template '{template.name}'")
+    model = load_student(model_id, hf_config, cfg, dist)
+    policy = shard(PolicyScorer(model, cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
     policy.eval()  # dropout off: old and new log-probs must come from the same function
-    reference = _frozen_copy(policy) if cfg.beta > 0 and cfg.lora_rank == 0 else None
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda update: min(1.0, (update + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
-    start_step, cursor = _resume(run_dir, policy, optimizer, scheduler)
-    if start_step:
-        run_dir.say(f"resumed at step {start_step} (data position {cursor})")
+    reference = None
+    if cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the base: the adapter switched off
+        reference = shard(PolicyScorer(load_student(model_id, hf_config, cfg, dist), cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
+        reference.requires_grad_(False)
+        reference.eval()
+    parameters = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, parameters, dist.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if dist.distributed:  # FSDP initialises its root on the first call through it, not through a child
+        _dummy_pass(policy, pad_id, dist)
 
-    engine = make_engine(cfg.engine, cfg.student, tokenizer=tokenizer, hf_model=policy, **cfg.engine_options)
+    checkpointer = Checkpointer(Path(cfg.out) / "checkpoints", dist, cfg.keep_checkpoints)
+    start_step, cursor = 0, 0
+    latest = checkpointer.latest()
+    if latest is not None:
+        state = checkpointer.load(latest, policy, optimizer, scheduler)
+        if state.get("problems") != len(problems):
+            raise ConfigError(f"{cfg.out}: the problems changed since checkpoint {latest.name} ({state.get('problems')} -> {len(problems)}); use a new --out")
+        start_step, cursor = int(state["step"]), int(state["cursor"])
+        say(f"resuming from {latest.name}: step {start_step} of {cfg.steps}")
+    if run_dir is not None:
+        _drop_metrics_after(run_dir, start_step)  # steps logged after the checkpoint are redone
+
+    # ---- rollout engine and verifier ------------------------------------------------------------
+    if cfg.engine == "hf":  # samples from the policy module itself: always the current weights
+        engine = make_engine("hf", model_id, tokenizer=tokenizer, hf_model=model, **cfg.engine_options)
+    else:  # vLLM in this process, beside the trainer; its weights are replaced after every update
+        options = {"colocate": True, "gpu_memory_utilization": 0.3, "seed": cfg.seed, **cfg.engine_options}
+        engine = make_engine("vllm", model_id, tokenizer=tokenizer, **options)
+        engine.load_weights(_policy_weights(model))  # a resumed run samples from its checkpoint, not the base
     verifier = Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     rendered_cache: dict[str, Any] = {}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def rollout(positions: list[int]) -> list[Group]:
         """G completions for each prompt, graded; advantages not yet set."""
-        requests, rendered_of = [], {}
+        rendered_of, requests = {}, []
         for position in positions:
             problem = problem_at(position)
             if problem.id not in rendered_cache:
                 rendered_cache[problem.id] = render_prompt(tokenizer, problem.problem, system=cfg.system, instruction=cfg.instruction)
             rendered_of[position] = rendered_cache[problem.id]
             for j in range(cfg.group_size):
-                requests.append(
-                    Request(
-                        key=f"{position}/{j}",
-                        prompt=rendered_of[position].text,
-                        sampling=sampling,
-                        seed=sample_seed(cfg.seed, position, j),
-                        messages=rendered_of[position].messages,
-                    )
-                )
-        completions = {c.key: c for c in engine.generate(requests)}
-        texts, references, lengths, keys = [], [], [], []
-        for request in requests:
-            completion = completions[request.key]
-            if completion.finish_reason == "error":
-                raise RuntimeError(f"the {cfg.engine} engine failed on {request.key}: {completion.info}")
-            position = int(request.key.split("/")[0])
-            texts.append(full_completion(rendered_of[position], completion.text))
-            references.append(_reference(problem_at(position)))
-            lengths.append(len(completion.token_ids))
-            keys.append(request.key)
+                seed = sample_seed(cfg.seed, position, j)
+                requests.append(Request(f"{position}/{j}", rendered_of[position].text, sampling, seed, rendered_of[position].messages))
+        with _unsharded(policy, dist) if cfg.engine == "hf" else contextlib.nullcontext(), dist.autocast():
+            completions = {c.key: c for c in engine.generate(requests)}
+        failed = [k for k, c in completions.items() if c.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"the {cfg.engine} engine failed on {len(failed)} requests, e.g. {failed[0]}: {completions[failed[0]].info}")
+        ordered = [completions[r.key] for r in requests]
+        positions_of = [int(r.key.split("/")[0]) for r in requests]
+        texts = [full_completion(rendered_of[p], c.text) for p, c in zip(positions_of, ordered)]
         rewards = score(
-            verifier, references, texts, lengths, cfg.rewards,
-            max_tokens=cfg.max_tokens, overlong_penalty=algorithm.overlong == "penalty",
-        )
-        groups: dict[int, Group] = {}
-        for key, text, reward in zip(keys, texts, rewards):
-            position = int(key.split("/")[0])
-            completion = completions[key]
-            prompt_ids = _prompt_ids(tokenizer, rendered_of[position].text)
-            assert completion.prompt_tokens in (0, len(prompt_ids)), (
-                f"the engine saw {completion.prompt_tokens} prompt tokens, the trainer {len(prompt_ids)}: "
-                "both must tokenize the prompt the same way"
+            verifier, [_reference(problem_at(p)) for p in positions_of], texts, [len(c.token_ids or ()) for c in ordered],
+            cfg.rewards, max_tokens=cfg.max_tokens, overlong_penalty=algorithm.overlong == "penalty",
+        )  # fmt: skip
+        groups = {p: Group(p, problem_at(p).id, []) for p in positions}
+        prompt_ids = {p: _prompt_ids(tokenizer, rendered_of[p].text) for p in positions}
+        for position, completion, text, reward in zip(positions_of, ordered, texts, rewards):
+            assert completion.prompt_tokens == len(prompt_ids[position]), (
+                f"the engine saw {completion.prompt_tokens} prompt tokens, the trainer {len(prompt_ids[position])}: both must tokenize the prompt the same way"
             )
-            group = groups.setdefault(position, Group(position, problem_at(position).id, []))
-            group.samples.append(
-                Sample(prompt_ids, list(completion.token_ids), text, completion.finish_reason == "length", reward)
-            )
+            truncated = completion.finish_reason == "length"
+            groups[position].samples.append(Sample(prompt_ids[position], list(completion.token_ids), text, truncated, reward))
         return [groups[p] for p in positions]
 
-    # ---- the loop -----------------------------------------------------------------------------
-    totals = {"unverifiable": 0, "timeouts": 0, "rollouts": 0}
+    # ---- the loop -------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo", unit="step", dynamic_ncols=True)
-    for step in progress:
-        # rollout and reward; DAPO's dynamic sampling rolls out more prompts until the batch is full
+    progress = tqdm(total=cfg.steps, initial=start_step, desc="grpo", unit="step", disable=not dist.is_main)
+    for step in range(start_step, cfg.steps):
+        # rollout and reward: each rank its share of the step's prompts; DAPO's dynamic sampling
+        # rolls out more prompts until every rank has a full share of informative groups
         started = time.perf_counter()
         rolled: list[Group] = []
         batch: list[Group] = []
         for attempt in range(1 + (cfg.max_refills if algorithm.dynamic_sampling else 0)):
-            groups = rollout(list(range(cursor, cursor + cfg.prompts_per_step)))
+            mine = cursor + dist.rank * local_prompts
+            groups = rollout(list(range(mine, mine + local_prompts)))
             cursor += cfg.prompts_per_step
             rolled += groups
             batch += _assign_advantages(groups, algorithm, rl)
-            if not algorithm.dynamic_sampling or len(batch) >= cfg.prompts_per_step:
+            short = dist.sum([float(len(batch) < local_prompts)])[0]
+            if not algorithm.dynamic_sampling or short == 0:
                 break
-        batch = batch[: cfg.prompts_per_step]
+        batch = batch[:local_prompts]
         rollout_s = time.perf_counter() - started
 
         # update
         started = time.perf_counter()
-        update = _optimise(
-            policy, reference, optimizer, scheduler, batch, algorithm, cfg,
-            step=step, pad_id=pad_id, device=device, rl=rl,
-        )
-        if hasattr(engine, "update_weights"):  # a colocated vLLM engine samples the next step from the new weights
-            engine.update_weights(policy)
+        update = _optimise(policy, reference, optimizer, batch, algorithm, cfg, dist, step=step, pad_id=pad_id, rl=rl)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if cfg.engine == "vllm":  # the next rollout samples from the new weights
+            engine.load_weights(_policy_weights(model))
         update_s = time.perf_counter() - started
 
-        record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch), **update,
-                  "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3)}
-        totals["unverifiable"] += record["unverifiable"]
-        totals["timeouts"] += record["timeouts"]
-        totals["rollouts"] += record["completions"]
-        run_dir.log_metrics(record)
+        record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch, dist), **update, "lr": lr,
+                  "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3)}  # fmt: skip
         history.append(record)
-        progress.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.3f}", len=f"{record['completion_length']:.0f}")
+        if run_dir is not None:
+            run_dir.log_metrics(record)
+        progress.set_postfix(reward=_short(record["reward_mean"]), acc=_short(record["accuracy"]), len=_short(record["completion_length"], 0))
+        progress.update(1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(run_dir, policy, optimizer, scheduler, step + 1, cursor)
+            checkpointer.save(step + 1, policy, optimizer, scheduler, {"cursor": cursor, "problems": len(problems)})
     progress.close()
     verifier.close()
     engine.close()
 
-    # ---- the final model, the final figures -------------------------------------------------
-    model_dir = _export(run_dir, policy, tokenizer)
-    last = history[-10:] or [{}]
+    # ---- the final model (what distill eval reads), the final figures ------------------------
+    model_dir = Path(cfg.out) / "model"
+    export_model(model, tokenizer, model_dir, dist, merge_lora=cfg.merge_lora, dtype=_export_dtype(cfg, hf_config),
+                 generation_config=generation_config(tokenizer, template, hf_config))  # fmt: skip
+    last = history[-10:]
     final = {
-        "variant": cfg.variant,
-        "algorithm": algorithm.__dict__,
-        "steps": cfg.steps,
+        "student": cfg.student,
+        "model_id": model_id,
         "model_dir": str(model_dir),
-        "reward_mean_last10": _mean([r.get("reward_mean") for r in last]),
-        "accuracy_last10": _mean([r.get("accuracy") for r in last]),
-        **{f"{k}_this_session": v for k, v in totals.items()},
+        "variant": cfg.variant,
+        "algorithm": dict(algorithm.__dict__),
+        "beta": cfg.beta,
+        "steps": cfg.steps,
+        "resumed_from_step": start_step or None,
+        "data_position": cursor,
+        "reward_mean_first": history[0]["reward_mean"] if history and not start_step else None,
+        "reward_mean_last10": _mean([r["reward_mean"] for r in last]),
+        "accuracy_last10": _mean([r["accuracy"] for r in last]),
+        "completion_length_last10": _mean([r["completion_length"] for r in last]),
+        "rollout_s_total": sum(r["rollout_s"] for r in history),
+        "update_s_total": sum(r["update_s"] for r in history),
+        "unverifiable_this_session": sum(r["unverifiable"] for r in history),
+        "timeouts_this_session": sum(r["timeouts"] for r in history),
+        "world_size": dist.world,
+        "chat_template": template.name,
     }
-    run_dir.write_metrics(final)
-    run_dir.say(f"done: model in {model_dir}")
+    if run_dir is not None:
+        run_dir.write_metrics(final)
+        say(f"done: model in {model_dir}")
     return final
 
 
@@ -369,9 +458,7 @@ def _assign_advantages(groups: list[Group], algorithm, rl) -> list[Group]:
     """
     import torch
 
-    rewards = torch.tensor(
-        [[s.reward.total if s.reward.total is not None else 0.0 for s in g.samples] for g in groups], dtype=torch.float64
-    )  # (P, G)
+    rewards = torch.tensor([[s.reward.total if s.reward.total is not None else 0.0 for s in g.samples] for g in groups], dtype=torch.float64)  # (P, G)
     valid = torch.tensor([[s.reward.total is not None for s in g.samples] for g in groups])  # (P, G)
     advantages = rl.group_advantages(rewards, valid, scale=algorithm.scale_advantages)  # (P, G)
     informative = rl.informative_groups(rewards, valid)  # (P,)
@@ -385,87 +472,98 @@ def _assign_advantages(groups: list[Group], algorithm, rl) -> list[Group]:
     return kept
 
 
-def _optimise(policy, reference, optimizer, scheduler, batch: list[Group], algorithm, cfg: GRPOConfig, *, step, pad_id, device, rl) -> dict[str, Any]:
-    """mu epochs over the batch, each split into `minibatches` optimizer steps of accumulated
-    micro-batches. Returns the update's figures (token means over every pass)."""
+def _optimise(policy, reference, optimizer, batch: list[Group], algorithm, cfg: GRPOConfig, dist, *, step: int, pad_id: int, rl) -> dict[str, Any]:
+    """mu epochs over this rank's share of the batch, each split into `minibatches` optimizer
+    steps of accumulated micro-batches. Every rank runs the same number of forward, backward
+    and optimizer steps (FSDP's collectives need it): a rank with fewer sequences runs empty
+    micro-batches. Returns the update's figures, summed over ranks."""
     import torch
 
     sequences = [s for group in batch for s in group.known]
-    if not sequences:
-        return {"optimizer_steps": 0, "loss": None, "grad_norm": None, "clip_fraction": None, "entropy": None,
-                "kl_old": None, "kl_ref": None, "lr": scheduler.get_last_lr()[0]}
     # DAPO's overlong filtering: a truncated completion keeps its place in its group's
-    # statistics but none of its tokens are trained on
+    # statistics, but none of its tokens is trained on
     loss_tokens = [0 if algorithm.overlong == "mask" and s.truncated else len(s.completion_ids) for s in sequences]
-    updates = cfg.mu * min(cfg.minibatches, len(sequences))
-    # log-probs under the policy that sampled (only needed when it changes between updates)
-    # and under the reference (only with a KL term)
-    old = _sequence_logprobs(policy, sequences, cfg, pad_id, device) if updates > 1 else None
+    total = int(dist.sum([float(len(sequences))])[0])
+    if total == 0:
+        return {"optimizer_steps": 0, "loss": None, "grad_norm": None, "clip_fraction": None, "clip_fraction_low": None,
+                "clip_fraction_high": None, "entropy": None, "kl_old": None, "kl_ref": None, "trained_tokens": 0}  # fmt: skip
+    parts = min(cfg.minibatches, total)
+    # log-probs under the policy that sampled (needed only when it changes between updates) and
+    # under the reference (only with a KL term); computed before any update
+    old = _sequence_logprobs(policy, sequences, cfg, dist, pad_id) if cfg.mu * parts > 1 else None
     ref = None
     if cfg.beta > 0:
-        if reference is None:  # LoRA: the reference is the base model, i.e. the adapter switched off
-            with policy.disable_adapter():
-                ref = _sequence_logprobs(policy, sequences, cfg, pad_id, device)
+        if reference is None:  # LoRA: the base model is the reference
+            with causal_lm_of(policy).disable_adapter():
+                ref = _sequence_logprobs(policy, sequences, cfg, dist, pad_id)
         else:
-            ref = _sequence_logprobs(reference, sequences, cfg, pad_id, device)
+            ref = _sequence_logprobs(reference, sequences, cfg, dist, pad_id)
 
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    sums = {"tokens": 0.0, "clipped": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "kl_old": 0.0}
-    entropy_sum, entropy_tokens, losses, norms = 0.0, 0.0, [], []
+    parameters = [p for p in policy.parameters() if p.requires_grad]
+    sums = dict(tokens=0.0, clipped=0.0, clipped_low=0.0, clipped_high=0.0, kl=0.0, kl_old=0.0, entropy=0.0, entropy_tokens=0.0, loss=0.0)
+    norms = []
     for epoch in range(cfg.mu):
-        generator = torch.Generator().manual_seed(sample_seed(cfg.seed, step, 1_000_000 + epoch))
+        generator = torch.Generator().manual_seed(sample_seed(cfg.seed, step, 1_000_000 + epoch * 1000 + dist.rank))
         order = torch.randperm(len(sequences), generator=generator).tolist()
-        for part in _split(order, min(cfg.minibatches, len(sequences))):
-            counts = torch.tensor([loss_tokens[i] for i in part])
-            weights = rl.sequence_weights(counts, algorithm.aggregation, max_tokens=cfg.max_tokens)  # (n,)
-            minibatch_loss = 0.0
-            for offset in range(0, len(part), cfg.micro_batch_size):
-                index = part[offset : offset + cfg.micro_batch_size]
+        for part in _split(order, parts):
+            counts = [loss_tokens[i] for i in part]
+            totals = dist.sum([float(len(part)), float(sum(1 for c in counts if c > 0)), float(sum(counts))])
+            weights = rl.sequence_weights(torch.tensor(counts, dtype=torch.float64), algorithm.aggregation, max_tokens=cfg.max_tokens, totals=totals)
+            micro_batches = int(dist.max(float(math.ceil(len(part) / cfg.micro_batch_size))))
+            for m in range(micro_batches):
+                index = part[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+                if not index:  # this rank has run out: an empty pass keeps FSDP's collectives in step
+                    _dummy_pass(policy, pad_id, dist, backward=True)
+                    continue
                 micro = [sequences[i] for i in index]
-                input_ids, attention, starts, mask = _collate(micro, [loss_tokens[i] for i in index], pad_id, device)
-                logprobs, entropy = _completion_logprobs(policy, input_ids, attention, starts, mask.shape[1], cfg.temperature, with_entropy=epoch == 0)
+                batch_tensors = _collate(micro, [loss_tokens[i] for i in index], pad_id, dist.device)
+                with dist.autocast():
+                    logprobs, entropy = policy(*batch_tensors[:3], temperature=cfg.temperature, with_entropy=epoch == 0)
+                logprobs = logprobs.gather(1, batch_tensors[3])  # (b, C) the completion tokens
+                mask = batch_tensors[4]
                 old_logprobs = _stack([old[i] for i in index], mask) if old is not None else logprobs.detach()
                 ref_logprobs = _stack([ref[i] for i in index], mask) if ref is not None else None
-                advantages = torch.tensor([s.advantage for s in micro], device=device)
+                advantages = torch.tensor([s.advantage for s in micro], device=dist.device)
                 loss, stats = rl.policy_loss(
-                    logprobs, old_logprobs, advantages, mask,
-                    weights[offset : offset + cfg.micro_batch_size].to(device),
-                    epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
-                    beta=cfg.beta, ref_logprobs=ref_logprobs,
-                )
-                loss.backward()
-                minibatch_loss += loss.item()
+                    logprobs, old_logprobs, advantages, mask, weights[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size].to(dist.device),
+                    epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high, beta=cfg.beta, ref_logprobs=ref_logprobs,
+                )  # fmt: skip
+                # FSDP averages gradients over ranks; the weights already divide by global totals
+                (loss * dist.world).backward()
+                sums["loss"] += float(loss.detach())
                 for key in ("tokens", "clipped", "clipped_low", "clipped_high", "kl"):
                     sums[key] += getattr(stats, key)
                 with torch.no_grad():  # how far the policy has moved from the one that sampled (k3)
                     delta = old_logprobs - logprobs.detach()
                     sums["kl_old"] += float(((torch.exp(delta) - delta - 1) * mask).sum())
-                if entropy is not None:
-                    entropy_sum += float((entropy * mask).sum())
-                    entropy_tokens += float(mask.sum())
-            norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)))
-            optimizer.step()
-            scheduler.step()
+                    if entropy is not None:
+                        sums["entropy"] += float((entropy.gather(1, batch_tensors[3]) * mask).sum())
+                        sums["entropy_tokens"] += float(mask.sum())
+            norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if math.isfinite(norm):  # a non-finite gradient is never applied
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(minibatch_loss)
+            norms.append(norm)
+    keys = list(sums)
+    sums = dict(zip(keys, dist.sum([sums[k] for k in keys])))
     tokens = max(sums["tokens"], 1.0)
     return {
-        "optimizer_steps": len(losses),
-        "loss": _mean(losses),
+        "optimizer_steps": len(norms),
+        "loss": sums["loss"] / len(norms),  # the surrogate (+ KL) per optimizer step, summed over ranks
         "grad_norm": _mean(norms),
         "clip_fraction": sums["clipped"] / tokens,
         "clip_fraction_low": sums["clipped_low"] / tokens,
         "clip_fraction_high": sums["clipped_high"] / tokens,
-        "entropy": entropy_sum / entropy_tokens if entropy_tokens else None,
+        "entropy": sums["entropy"] / sums["entropy_tokens"] if sums["entropy_tokens"] else None,
         "kl_old": sums["kl_old"] / tokens,
         "kl_ref": sums["kl"] / tokens if cfg.beta > 0 else None,
-        "trained_tokens": int(sum(loss_tokens)),
-        "lr": scheduler.get_last_lr()[0],
+        "trained_tokens": int(sums["tokens"] / cfg.mu),
     }
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
-    """`items` in `parts` contiguous pieces whose sizes differ by at most one."""
+    """`items` in `parts` contiguous pieces whose sizes differ by at most one (some may be empty)."""
     size, extra = divmod(len(items), parts)
     pieces, start = [], 0
     for i in range(parts):
@@ -476,22 +574,30 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
 
 
 def _collate(sequences: list[Sample], loss_tokens: list[int], pad_id: int, device):
-    """Right-padded prompt + completion ids (b, L), their attention mask (b, L), where each
-    completion starts (b,), and the loss mask over completion positions (b, C)."""
+    """Tensors of one micro-batch:
+    input_ids (b, L) prompt + completion, right-padded; attention (b, L);
+    targets (b, L): the next token where it is a completion token, IGNORE elsewhere (so only
+      completion positions go through the LM head);
+    index (b, C): the position predicting each completion token; mask (b, C): 1 on loss tokens."""
     import torch
+
+    from distill.students.logprobs import IGNORE
 
     length = max(len(s.prompt_ids) + len(s.completion_ids) for s in sequences)
     width = max(max(len(s.completion_ids) for s in sequences), 1)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), length), dtype=torch.long)
+    targets = torch.full((len(sequences), length), IGNORE, dtype=torch.long)
+    index = torch.zeros((len(sequences), width), dtype=torch.long)
     mask = torch.zeros((len(sequences), width))
     for row, (sample, count) in enumerate(zip(sequences, loss_tokens)):
-        ids = sample.prompt_ids + sample.completion_ids
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
+        prompt, completion = len(sample.prompt_ids), len(sample.completion_ids)
+        input_ids[row, : prompt + completion] = torch.tensor(sample.prompt_ids + sample.completion_ids)
+        attention[row, : prompt + completion] = 1
+        targets[row, prompt - 1 : prompt - 1 + completion] = torch.tensor(sample.completion_ids)
+        index[row, :completion] = torch.arange(prompt - 1, prompt - 1 + completion)
         mask[row, :count] = 1.0
-    starts = torch.tensor([len(s.prompt_ids) for s in sequences])
-    return input_ids.to(device), attention.to(device), starts.to(device), mask.to(device)
+    return tuple(t.to(device) for t in (input_ids, attention, targets, index, mask))
 
 
 def _stack(rows, mask):
@@ -504,142 +610,155 @@ def _stack(rows, mask):
     return out
 
 
-def _sequence_logprobs(model, sequences: list[Sample], cfg: GRPOConfig, pad_id: int, device) -> list:
-    """Log-probs of each sequence's completion tokens under `model`, without gradients."""
+def _sequence_logprobs(scorer, sequences: list[Sample], cfg: GRPOConfig, dist, pad_id: int) -> list:
+    """Log-probs of each sequence's completion tokens under `scorer`, without gradients (the
+    same number of passes on every rank)."""
     import torch
 
     result = []
+    passes = int(dist.max(float(math.ceil(len(sequences) / cfg.micro_batch_size))))
     with torch.no_grad():
-        for offset in range(0, len(sequences), cfg.micro_batch_size):
-            micro = sequences[offset : offset + cfg.micro_batch_size]
-            input_ids, attention, starts, mask = _collate(micro, [len(s.completion_ids) for s in micro], pad_id, device)
-            logprobs, _ = _completion_logprobs(model, input_ids, attention, starts, mask.shape[1], cfg.temperature, with_entropy=False)
-            result += [logprobs[i, : len(s.completion_ids)].float().cpu() for i, s in enumerate(micro)]
+        for m in range(passes):
+            micro = sequences[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+            if not micro:
+                _dummy_pass(scorer, pad_id, dist)
+                continue
+            input_ids, attention, targets, index, _ = _collate(micro, [len(s.completion_ids) for s in micro], pad_id, dist.device)
+            with dist.autocast():
+                logprobs, _ = scorer(input_ids, attention, targets, temperature=cfg.temperature)
+            logprobs = logprobs.gather(1, index).float().cpu()
+            result += [logprobs[i, : len(s.completion_ids)] for i, s in enumerate(micro)]
     return result
+
+
+def _dummy_pass(scorer, pad_id: int, dist, backward: bool = False) -> None:
+    """A two-token pass with no target: it moves nothing, but takes part in FSDP's collectives."""
+    import torch
+
+    from distill.students.logprobs import IGNORE
+
+    input_ids = torch.full((1, 2), pad_id, dtype=torch.long, device=dist.device)
+    targets = torch.full((1, 2), IGNORE, dtype=torch.long, device=dist.device)
+    with torch.set_grad_enabled(backward), dist.autocast():
+        logprobs, _ = scorer(input_ids, torch.ones_like(input_ids), targets)
+    if backward:
+        (logprobs.sum() * 0.0).backward()
+
+
+# ------------------------------------------------------------------------------------------------
+# the policy's weights, for generation
+
+
+def causal_lm_of(scorer):
+    """The (possibly peft-wrapped) causal LM inside a Scorer."""
+    return scorer.model
+
+
+@contextlib.contextmanager
+def _unsharded(scorer, dist):
+    """Whole parameters on every rank for the duration of a rollout (FSDP only).
+
+    The hf engine calls the model once per generated token, and ranks generate different
+    numbers of tokens: per-layer all-gathers would deadlock. So every FSDP unit is gathered
+    once, kept gathered through the rollout, and resharded after.
+    """
+    if not dist.distributed:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in scorer.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in units if m is not scorer]
+    for unit in inner:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in inner:
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def _policy_weights(model):
+    """(name, tensor) pairs of the policy under the base model's parameter names, for vLLM.
+
+    LoRA: the adapter is merged into the base weights for the copy and unmerged after (as TRL's
+    colocate mode does), and peft's name prefixes are dropped. Sharded (FSDP2) parameters are
+    gathered one at a time (every rank must iterate).
+    """
+    import torch
+
+    lora = hasattr(model, "merge_adapter")
+    if lora:
+        model.merge_adapter()
+    try:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if lora:
+                    if "lora_" in name or "modules_to_save" in name:
+                        continue
+                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                if hasattr(tensor, "full_tensor"):  # a DTensor shard of FSDP2
+                    tensor = tensor.full_tensor()
+                yield name, tensor
+    finally:
+        if lora:
+            model.unmerge_adapter()
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    # the engines encode the same way: the rendered text already holds the template's special
+    # tokens (BOS included where it has one)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ------------------------------------------------------------------------------------------------
 # figures
 
 
-def _rollout_metrics(rolled: list[Group], batch: list[Group]) -> dict[str, Any]:
+def _rollout_metrics(rolled: list[Group], batch: list[Group], dist) -> dict[str, Any]:
+    """Figures of the step's rollouts, over all ranks."""
     samples = [s for g in rolled for s in g.samples]
     known = [s.reward.total for s in samples if s.reward.total is not None]
-    correct = [float(s.reward.correct) for s in samples if s.reward.correct is not None]
-    mean = _mean(known)
+    graded = [s.reward.correct for s in samples if s.reward.correct is not None]
     solved = [[s.reward.correct for s in g.samples if s.reward.correct is not None] for g in rolled]
+    names = ["completions", "known", "reward", "reward_sq", "graded", "correct", "formatted", "length", "truncated", "overlong",
+             "repetition", "groups", "groups_trained", "all_correct", "all_wrong", "unverifiable", "timeouts"]  # fmt: skip
+    values = [
+        len(samples), len(known), sum(known), sum(r * r for r in known), len(graded), sum(graded),
+        sum(s.reward.formatted for s in samples), sum(len(s.completion_ids) for s in samples), sum(s.truncated for s in samples),
+        sum(s.reward.overlong for s in samples), sum(s.reward.repetition for s in samples), len(rolled), len(batch),
+        sum(1 for g in solved if g and all(g)), sum(1 for g in solved if g and not any(g)),
+        sum(1 for s in samples if s.reward.reason in ("no_reference", "bad_reference")), sum(1 for s in samples if s.reward.reason == "timeout"),
+    ]  # fmt: skip
+    t = dict(zip(names, dist.sum([float(v) for v in values])))
+    n = max(t["completions"], 1.0)
+    mean = t["reward"] / t["known"] if t["known"] else None
     return {
         "reward_mean": mean,
-        "reward_std": math.sqrt(_mean([(r - mean) ** 2 for r in known])) if known else None,
-        "accuracy": _mean(correct),
-        "format_rate": _mean([float(s.reward.formatted) for s in samples]),
-        "completion_length": _mean([float(len(s.completion_ids)) for s in samples]),
-        "truncation_rate": _mean([float(s.truncated) for s in samples]),
-        "overlong_penalty": _mean([s.reward.overlong for s in samples]),
-        "repetition_penalty": _mean([s.reward.repetition for s in samples]),
-        "completions": len(samples),
-        "groups": len(rolled),
-        "groups_trained": len(batch),
-        "groups_all_correct": sum(1 for g in solved if g and all(g)),
-        "groups_all_wrong": sum(1 for g in solved if g and not any(g)),
-        "unverifiable": sum(1 for s in samples if s.reward.reason in ("no_reference", "bad_reference")),
-        "timeouts": sum(1 for s in samples if s.reward.reason == "timeout"),
+        "reward_std": math.sqrt(max(t["reward_sq"] / t["known"] - mean * mean, 0.0)) if t["known"] else None,
+        "accuracy": t["correct"] / t["graded"] if t["graded"] else None,
+        "format_rate": t["formatted"] / n,
+        "completion_length": t["length"] / n,
+        "truncation_rate": t["truncated"] / n,
+        "overlong_penalty": t["overlong"] / n,
+        "repetition_penalty": t["repetition"] / n,
+        "completions": int(t["completions"]),
+        "groups": int(t["groups"]),
+        "groups_trained": int(t["groups_trained"]),
+        "groups_all_correct": int(t["all_correct"]),
+        "groups_all_wrong": int(t["all_wrong"]),
+        "unverifiable": int(t["unverifiable"]),
+        "timeouts": int(t["timeouts"]),
     }
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-# ------------------------------------------------------------------------------------------------
-# model I/O and log-probs
-# TODO(issue-5): these stand-ins go once distill.students.{presets,checkpoint,parallel} and the
-# shared chunked log-prob function land on main; GRPO must use those (one copy each).
-
-
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    # the rendered text already holds the template's special tokens (BOS included where it has one)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _load_student(cfg: GRPOConfig, device):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=dtype).to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM"))
-    return tokenizer, model
-
-
-def _frozen_copy(model):
-    import copy
-
-    frozen = copy.deepcopy(model)
-    for parameter in frozen.parameters():
-        parameter.requires_grad_(False)
-    return frozen.eval()
-
-
-def _completion_logprobs(model, input_ids, attention, starts, width: int, temperature: float, *, with_entropy: bool):
-    """Log-probs (b, C) of the completion tokens (at the sampling temperature) and, if asked,
-    the entropy (b, C) of the policy's next-token distribution at each of them."""
-    import torch
-
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float() / temperature  # (b, L-1, V)
-    logp_all = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, L-1): log p(token t+1)
-    index = ((starts - 1).unsqueeze(1) + torch.arange(width, device=input_ids.device)).clamp(max=logits.shape[1] - 1)  # (b, C)
-    logprobs = token_logprobs.gather(1, index)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1).gather(1, index)  # (b, C)
-    return logprobs, entropy
-
-
-def _checkpoint_path(run_dir) -> Path:
-    return run_dir.path / "checkpoint" / "state.pt"
-
-
-def _save(run_dir, policy, optimizer, scheduler, step: int, cursor: int) -> None:
-    import torch
-
-    path = _checkpoint_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "cursor": cursor}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def _resume(run_dir, policy, optimizer, scheduler) -> tuple[int, int]:
-    import torch
-
-    path = _checkpoint_path(run_dir)
-    if not path.is_file():
-        _drop_metrics_after(run_dir, 0)
-        return 0, 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    policy.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _drop_metrics_after(run_dir, state["step"])
-    return state["step"], state["cursor"]
-
-
 def _drop_metrics_after(run_dir, step: int) -> None:
-    """Steps logged after the checkpoint we resume from are redone: forget their lines."""
+    """A resumed run redoes the steps after its checkpoint: forget their lines, so metrics.jsonl
+    holds each step once."""
     import json
 
     path = run_dir.file("metrics.jsonl")
@@ -648,12 +767,15 @@ def _drop_metrics_after(run_dir, step: int) -> None:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
 
 
-def _export(run_dir, policy, tokenizer) -> Path:
-    out = run_dir.path / "model"
-    model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _short(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

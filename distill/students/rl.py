@@ -26,6 +26,10 @@ Shared by all three (the PPO-style surrogate of GRPO):
                   an unbiased, always non-negative estimate of KL(pi || pi_ref); DeepSeekMath eq. 4)
 The KL term is aggregated with the same weights as the surrogate (as TRL and verl do).
 
+`PolicyScorer` is distill train's Scorer (the LM head applied in chunks, never the full logits;
+the FSDP root module) returning what the loss needs: log-probs at the sampling temperature and,
+for the logs, the entropy of the policy at the same positions.
+
 Micro-batching is exact: `sequence_weights` is computed once for a whole optimisation batch (all
 the micro-batches whose gradients are accumulated into one optimizer step) and each token's loss
 is multiplied by its sequence's weight, so accumulating micro-batch gradients gives the same
@@ -40,6 +44,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
+
+from distill.students.logprobs import IGNORE, Scorer, causal_lm, final_hidden_states, logprobs_from_hidden
 
 Variant = Literal["grpo", "dr_grpo", "dapo"]
 Aggregation = Literal["sequence", "token", "constant"]
@@ -139,25 +146,35 @@ def informative_groups(rewards: torch.Tensor, valid: torch.Tensor | None = None)
 # loss
 
 
-def sequence_weights(token_counts: torch.Tensor, aggregation: str, *, max_tokens: int) -> torch.Tensor:
+def sequence_weights(
+    token_counts: torch.Tensor,
+    aggregation: str,
+    *,
+    max_tokens: int,
+    totals: tuple[float, float, float] | None = None,
+) -> torch.Tensor:
     """The weight of each loss token of sequence i in the loss of one optimisation batch.
 
-    token_counts (N,): the number of loss tokens of each of the N sequences of the whole
-    optimisation batch (0 for a sequence masked out, e.g. an overlong one under DAPO's overlong
-    filtering). Returns (N,) such that loss = sum_i weight_i * sum_t l_{i,t}:
+    token_counts (N,): the number of loss tokens of each of the N sequences (0 for a sequence
+    masked out, e.g. an overlong one under DAPO's overlong filtering). `totals` = (sequences,
+    sequences with a loss token, loss tokens) of the whole optimisation batch when these N are
+    only part of it (one rank's share under data parallelism); default: these N are all of it.
+    Returns (N,) such that loss = sum_i weight_i * sum_t l_{i,t}:
         sequence  1 / (|o_i| * N')      N' = sequences with at least one loss token (grpo)
         token     1 / sum_i |o_i|        (dapo)
         constant  1 / (N * max_tokens)   (dr_grpo; N counts every sequence of the batch)
     """
     counts = token_counts.to(torch.float64)
+    if totals is None:
+        totals = (float(len(counts)), float((counts > 0).sum()), float(counts.sum()))
+    sequences, trained, tokens = totals
     if aggregation == "sequence":
-        trained = (counts > 0).sum().clamp(min=1)
-        weights = torch.where(counts > 0, 1.0 / (counts.clamp(min=1) * trained), torch.zeros_like(counts))
+        weights = torch.where(counts > 0, 1.0 / (counts.clamp(min=1) * max(trained, 1.0)), torch.zeros_like(counts))
     elif aggregation == "token":
-        weights = torch.full_like(counts, 1.0 / counts.sum().clamp(min=1).item())
+        weights = torch.full_like(counts, 1.0 / max(tokens, 1.0))
     elif aggregation == "constant":
         assert max_tokens > 0, "the constant normaliser of dr_grpo needs max_tokens > 0"
-        weights = torch.full_like(counts, 1.0 / (len(counts) * max_tokens))
+        weights = torch.full_like(counts, 1.0 / (max(sequences, 1.0) * max_tokens))
     else:
         raise ValueError(f"aggregation '{aggregation}' is not one of sequence, token, constant")
     return weights.to(torch.float32)
@@ -220,3 +237,47 @@ def policy_loss(
             ratio=float((ratio * mask).sum()),
         )
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# log-probs of the policy
+
+
+class PolicyScorer(Scorer):
+    """A causal LM returning (log p(targets) at `temperature`, entropy or None), both (B, T) and 0
+    where targets == IGNORE. Only positions with a target go through the LM head."""
+
+    def forward(self, input_ids, attention_mask, targets, temperature: float = 1.0, with_entropy: bool = False):
+        lm = causal_lm(self.model)
+        head = lm.get_output_embeddings()
+        softcap = getattr(lm.config, "final_logit_softcapping", None)
+        hidden = final_hidden_states(self.model, input_ids, None, attention_mask)  # (B, T, H)
+        if temperature != 1.0:
+            # logits / T == head(hidden / T) for a head without bias; a soft-capped head applies
+            # T after the cap, which this shortcut cannot express
+            if softcap or head.bias is not None:
+                from distill.errors import ConfigError
+
+                raise ConfigError("temperature != 1 needs an LM head without bias or logit soft-capping; use temperature=1.0")
+            hidden = hidden / temperature
+        logprobs = logprobs_from_hidden(hidden, head, targets, self.chunk_tokens, softcap)  # (B, T)
+        entropy = token_entropy(hidden.detach(), head, targets, self.chunk_tokens, softcap) if with_entropy else None
+        return logprobs, entropy
+
+
+def token_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_tokens: int = 1024, softcap=None) -> torch.Tensor:
+    """(B, T) entropy of softmax(head(hidden)) where targets != IGNORE (0 elsewhere), computed
+    in chunks of positions without gradients. hidden (B, T, H), targets (B, T)."""
+    with torch.no_grad():
+        batch, length, width = hidden.shape
+        picked = (targets.reshape(-1) != IGNORE).nonzero(as_tuple=True)[0]
+        rows = hidden.reshape(-1, width).index_select(0, picked)  # (N, H)
+        pieces = []
+        for start in range(0, rows.shape[0], chunk_tokens):
+            logits = torch.nn.functional.linear(rows[start : start + chunk_tokens], head.weight, head.bias).float()  # (n, V)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logp = torch.log_softmax(logits, dim=-1)
+            pieces.append(-(logp.exp() * logp).sum(-1))
+        values = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+        return values.new_zeros(batch * length).index_put((picked,), values).view(batch, length)
