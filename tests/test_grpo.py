@@ -209,3 +209,39 @@ def test_problems_without_a_reference_are_skipped_and_counted_not_rewarded_zero(
     assert row["groups_trained"] <= 8, "the two groups without a reference train nothing"
     # the reward mean is over the 64 graded completions only
     assert row["reward_mean"] is not None
+
+
+@pytest.fixture
+def vllm_standin(monkeypatch):
+    """tests/standins/vllm on the path as `vllm` (an imitation of its API, not vLLM), and the
+    environment its colocated mode sets restored afterwards."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "standins"))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+def test_colocated_vllm_gets_the_policy_weights_after_every_update(tiny_qwen, tmp_path, vllm_standin):
+    import vllm  # the stand-in
+    from transformers import AutoModelForCausalLM
+
+    from distill.students.grpo import run
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {a}+1?", "answer": str(a + 1)}) + "\n" for a in range(4)))
+    cfg = config((tiny_qwen, data), tmp_path / "run", engine="vllm", steps=2, group_size=2, prompts_per_step=2, max_tokens=4,
+                 lora=True, lora_r=2, micro_batch_size=4)  # fmt: skip
+    run(cfg)
+    llm = vllm.INSTANCES[-1]
+    assert llm.engine_args["distributed_executor_backend"] == "external_launcher", "colocated with the trainer"
+    loaded = llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded
+    # under the base model's names (LoRA merged in, peft's prefixes gone): at start, then after each step
+    base_names = list(AutoModelForCausalLM.from_pretrained(tiny_qwen).state_dict())
+    assert loaded == base_names * 3
+    assert llm.prefix_cache_resets == 3
+    rows = metrics(tmp_path / "run")
+    assert [r["completions"] for r in rows] == [4, 4]
