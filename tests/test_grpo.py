@@ -245,3 +245,27 @@ def test_colocated_vllm_gets_the_policy_weights_after_every_update(tiny_qwen, tm
     assert llm.prefix_cache_resets == 3
     rows = metrics(tmp_path / "run")
     assert [r["completions"] for r in rows] == [4, 4]
+
+
+@pytest.mark.slow
+def test_two_processes_under_fsdp_take_the_same_steps_as_one(task, tmp_path):
+    """torchrun with 2 CPU processes (gloo, FSDP2): each rank rolls out half the prompts and
+    trains on them, with normalisers over both ranks; the figures match a single process."""
+    import os
+    import subprocess
+    import sys
+
+    from distill.students.grpo import run
+
+    model_dir, data = task
+    settings = dict(steps=2, variant="dr_grpo", micro_batch_size=4, verifier_workers=1)
+    run(config(task, tmp_path / "one", **settings))
+    flags = [f"{k}={v}" for k, v in dict(instruction="null", group_size=8, prompts_per_step=4, max_tokens=2, lr=0.02, seed=0, **settings).items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill.cli",
+               "grpo", "--student", str(model_dir), "--data", str(data), "--out", str(tmp_path / "two"), *flags]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in ("reward_mean", "accuracy", "completion_length", "groups_trained", "trained_tokens", "grad_norm", "entropy"):
+            assert one[key] == pytest.approx(two[key], rel=1e-5), key

@@ -262,7 +262,8 @@ class PolicyScorer(Scorer):
             hidden = hidden / temperature
         logprobs = logprobs_from_hidden(hidden, head, targets, self.chunk_tokens, softcap)  # (B, T)
         entropy = token_entropy(hidden.detach(), head, targets, self.chunk_tokens, softcap) if with_entropy else None
-        return logprobs, entropy
+        # clones, not views: FSDP2 hooks the backward of a root's outputs, and a view would lose it
+        return logprobs.clone(), entropy
 
 
 def token_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_tokens: int = 1024, softcap=None) -> torch.Tensor:
@@ -280,4 +281,4 @@ def token_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, 
             logp = torch.log_softmax(logits, dim=-1)
             pieces.append(-(logp.exp() * logp).sum(-1))
         values = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
-        return values.new_zeros(batch * length).index_put((picked,), values).view(batch, length)
+        return values.new_zeros(batch * length).index_put((picked,), values).reshape(batch, length).clone()
