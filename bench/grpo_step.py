@@ -26,8 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-if os.environ.get("SCRATCH7"):
-    sys.path.insert(0, "/tmp/scratch7"); import scratch_plugin  # noqa  (local only, removed before commit)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
