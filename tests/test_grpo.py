@@ -269,3 +269,18 @@ def test_two_processes_under_fsdp_take_the_same_steps_as_one(task, tmp_path):
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         for key in ("reward_mean", "accuracy", "completion_length", "groups_trained", "trained_tokens", "grad_norm", "entropy"):
             assert one[key] == pytest.approx(two[key], rel=1e-5), key
+
+
+def test_dropout_is_off_but_the_model_stays_in_training_mode(task):
+    """Activation checkpointing works only in training mode; the ratio needs no dropout."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.students.grpo import _disable_dropout
+    from distill.students.logprobs import token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(task[0], attention_dropout=0.5)
+    _disable_dropout(model)
+    assert model.training
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    assert torch.equal(token_logprobs(model, ids), token_logprobs(model, ids))

@@ -42,8 +42,9 @@ Choices, and how this differs from the papers:
   sampling temperature (logits / T) and without materialising the logits (distill train's
   chunked Scorer). The old policy's come from a no-grad pass before a step's first update,
   skipped when the step has one update (then old = current, detached: ratio 1).
-- Dropout is off: the policy stays in eval mode, so the ratio compares one function under two
-  sets of weights rather than two dropout masks.
+- Dropout is off (probabilities set to 0; the model stays in training mode so activation
+  checkpointing stays on): the ratio compares one function under two sets of weights, not two
+  dropout masks.
 - top_p < 1 is allowed but makes the trainer's log-probs (full distribution) differ from the
   sampler's (nucleus); RL recipes keep top_p = 1.
 - Unknown rewards (no or unparseable reference, verifier timeout) are never rewarded 0: the
@@ -324,12 +325,12 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     say(f"student {model_id}; chat template '{template.name}'")
     model = load_student(model_id, hf_config, cfg, dist)
     policy = shard(PolicyScorer(model, cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
-    policy.eval()  # dropout off: old and new log-probs must come from the same function
+    _disable_dropout(policy)  # old and new log-probs must come from the same function, not two dropout masks
     reference = None
     if cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the base: the adapter switched off
         reference = shard(PolicyScorer(load_student(model_id, hf_config, cfg, dist), cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
         reference.requires_grad_(False)
-        reference.eval()
+        _disable_dropout(reference)
     parameters = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, parameters, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
@@ -475,6 +476,19 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
 
 # ------------------------------------------------------------------------------------------------
 # advantages and the update
+
+
+def _disable_dropout(module) -> None:
+    """Dropout probabilities to 0 (nn.Dropout layers and attention dropout). The module stays in
+    training mode: transformers applies activation checkpointing only in training mode."""
+    import torch
+
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Dropout):
+            sub.p = 0.0
+        if isinstance(getattr(sub, "attention_dropout", None), float):
+            sub.attention_dropout = 0.0
+    module.train()
 
 
 def _assign_advantages(groups: list[Group], algorithm, rl) -> list[Group]:
