@@ -16,7 +16,8 @@ from one global RNG stream, so a row's sample depends on its batch mates. Here:
   top-p nucleus, which samples exactly softmax(logits / T) restricted to the nucleus. Unlike
   inverse-CDF sampling (`torch.multinomial`) it is insensitive to the last-bit differences that
   batch composition and padding cause in the logits: a token only changes if two perturbed
-  scores are within ~1e-6 of each other;
+  scores are within ~1e-6 of each other. The nucleus is checked for the few best perturbed
+  candidates only, so the vocabulary is not sorted each step (`sample_tokens`);
 - temperature 0 is greedy (argmax).
 
 Batching (a simplification against vLLM's continuous batching): requests are sorted by prompt
@@ -201,7 +202,15 @@ class HFEngine:
 
 def sample_tokens(logits, requests: Sequence[Request], generators: Sequence[Any]):
     """One token per row of logits (b, V): greedy at temperature 0, else Gumbel-max over the
-    top-p nucleus, with row i's noise drawn from generators[i] alone."""
+    top-p nucleus, with row i's noise drawn from generators[i] alone.
+
+    Exact without sorting the vocabulary: the answer is the token with the highest perturbed
+    score log p + g that lies in the nucleus, and a token is in the nucleus iff the probability
+    mass of the tokens strictly more likely than it is below top_p. So the few best perturbed
+    candidates are checked in order with one masked sum each (the first is accepted unless it
+    falls in the 1 - top_p tail); only if none of `_CANDIDATES` is in the nucleus does a row fall
+    back to sorting.
+    """
     import torch
 
     vocab = logits.shape[-1]
@@ -212,24 +221,29 @@ def sample_tokens(logits, requests: Sequence[Request], generators: Sequence[Any]
     # random stream of a sample never depends on its batch mates. Token i's noise is u[i].
     uniform = torch.stack([torch.rand(vocab, generator=g, device=logits.device) for g in generators])  # (b, V)
     log_probs = (logits / torch.where(greedy, 1.0, temperature)[:, None]).log_softmax(dim=-1)  # (b, V)
-    # Fast path: the nucleus of a trained model is almost always within its top few dozen
-    # tokens; check that on a top-k and only sort the whole vocabulary for rows where not.
-    k = min(vocab, _NUCLEUS_PROBE)
-    top_log_probs, top_ids = log_probs.topk(k, dim=-1)  # (b, k), sorted descending
-    top_probs = top_log_probs.exp()
-    covered = (top_probs.sum(dim=-1) >= top_p) & (top_p < 1)
-    keep = (top_probs.cumsum(dim=-1) - top_probs) < top_p[:, None]  # mass above each < top_p
-    noisy = top_log_probs + _gumbel(uniform.gather(-1, top_ids))
-    choice = top_ids.gather(-1, noisy.masked_fill(~keep, -math.inf).argmax(dim=-1, keepdim=True))[:, 0]
-    slow = ~covered & ~greedy
-    if bool(slow.any()):
-        rows = slow.nonzero()[:, 0]
-        scores = _mask_outside_nucleus(log_probs[rows], top_p[rows]) + _gumbel(uniform[rows])
-        choice = choice.index_put((rows,), scores.argmax(dim=-1))
+    perturbed = log_probs + _gumbel(uniform)  # (b, V)
+    candidates = perturbed.topk(min(vocab, _CANDIDATES), dim=-1).indices  # (b, K), best first
+    probs = log_probs.exp()
+    choice = candidates[:, 0].clone()
+    undecided = ~greedy & (top_p < 1)  # at top_p = 1 every token is in the nucleus
+    for rank in range(candidates.shape[1]):
+        if not bool(undecided.any()):
+            break
+        rows = undecided.nonzero()[:, 0]
+        token = candidates[rows, rank]  # (r,)
+        p_token = probs[rows].gather(-1, token[:, None])  # (r, 1)
+        above = torch.where(probs[rows] > p_token, probs[rows], 0.0).sum(dim=-1)  # (r,) mass strictly above
+        accept = above < top_p[rows]
+        choice[rows[accept]] = token[accept]
+        undecided[rows[accept]] = False
+    if bool(undecided.any()):
+        rows = undecided.nonzero()[:, 0]
+        outside = _outside_nucleus(probs[rows], top_p[rows])
+        choice[rows] = perturbed[rows].masked_fill(outside, -math.inf).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), choice)  # (b,)
 
 
-_NUCLEUS_PROBE = 64  # top-k probed for the nucleus before falling back to a full sort
+_CANDIDATES = 8  # perturbed candidates checked for nucleus membership before a full sort
 
 
 def _gumbel(uniform):
@@ -237,21 +251,16 @@ def _gumbel(uniform):
     return -(-uniform.clamp(min=1e-20, max=1.0 - 1e-7).log()).log()
 
 
-def _mask_outside_nucleus(scores, top_p):
-    """Set scores outside each row's top-p nucleus to -inf. scores (b, V), top_p (b,)."""
-    import torch
-
-    if bool((top_p >= 1).all()):
-        return scores
-    probs = scores.softmax(dim=-1)
+def _outside_nucleus(probs, top_p):
+    """(b, V) True for tokens outside each row's top-p nucleus (the fallback: sorts). probs (b, V)."""
     sorted_probs = probs.sort(dim=-1, descending=True).values  # (b, V)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
     # Keep the smallest set whose mass reaches top_p: a token stays if the mass above it is
-    # below top_p (the most likely token always stays). Ties with the last kept token stay too.
+    # below top_p (the most likely token always stays). Ties with the last kept token stay too,
+    # as in the candidate check of sample_tokens (mass strictly above < top_p).
     kept = (before < top_p[:, None]).sum(dim=-1, keepdim=True)  # (b, 1), at least 1
     threshold = sorted_probs.gather(-1, kept - 1)  # (b, 1) probability of the last kept token
-    drop = probs < threshold
-    return scores.masked_fill(drop, -math.inf)
+    return probs < threshold
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:

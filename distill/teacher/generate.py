@@ -49,7 +49,7 @@ from distill.config import to_dict
 from distill.engines import Completion, Request, Sampling, make_engine
 from distill.errors import ConfigError, DistillError
 from distill.problems import Fields, Problem, load_problems, select_shard
-from distill.records import TraceRecord, TraceWriter, iter_jsonl, record_id
+from distill.records import TraceRecord, TraceWriter, iter_jsonl, record_id, repair_tail
 from distill.rundir import CONFIG_FILE, RunDir, check_locked, write_json
 from distill.teacher.prompts import R1_INSTRUCTION, RenderedPrompt, full_completion, load_chat_template, render_prompt
 
@@ -76,6 +76,7 @@ class VLLMOptions:
     distributed_executor_backend: str | None = None  # "ray" for a teacher spanning nodes
     max_num_seqs: int | None = None
     max_queued: int = 2048  # requests held in the engine at once
+    extra: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument, e.g. kv_cache_dtype
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class OpenAIOptions:
     max_retries: int = 8
     backoff_s: float = 1.0
     backoff_max_s: float = 60.0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {top_k: 20}
 
 
 @dataclass(frozen=True)
@@ -168,37 +170,40 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     loaded = load_problems(cfg.data, fields=fields, data_dir=cfg.data_dir, on_bad_row=cfg.on_bad_row, limit=cfg.limit)
     problems = loaded.problems if shard is None else select_shard(loaded.problems, *shard)
 
-    # ---- refuse a changed teacher / prompt / sampling before the (slow) engine loads
-    config_path = Path(cfg.out) / CONFIG_FILE
-    if config_path.exists():
-        check_locked(config_path, to_dict(cfg), LOCKED)
-
-    # ---- engine: a missing [gpu] extra, an unloadable teacher or an unreachable server stop here
-    engine = make_engine(cfg.engine, cfg.model, **engine_options(cfg))
-    tokenizer = engine.tokenizer
-    if cfg.chat_template is not None:
-        tokenizer.chat_template = load_chat_template(cfg.chat_template)
-
-    run_dir = RunDir(cfg.out, "generate", cfg, sources, locked=LOCKED)
-    writer = TraceWriter(run_dir.file(trace_file_name(shard)))  # repairs a torn last line
-    existing = scan_traces(writer.path)
-    done = existing.keys
-
-    # ---- what is left: one request per (problem, sample) not yet on disk
-    rendered: dict[str, RenderedPrompt] = {}
-    todo: dict[str, tuple[Problem, int]] = {}  # request key -> (problem, sample_idx)
+    # ---- resume: refuse a changed teacher / prompt / sampling, then find what is already on disk
+    out = Path(cfg.out)
+    if (out / CONFIG_FILE).exists():
+        check_locked(out / CONFIG_FILE, to_dict(cfg), LOCKED)
+    trace_path = out / trace_file_name(shard)
+    repair_tail(trace_path)  # a line torn by kill -9 mid-write is cut off
+    existing = scan_traces(trace_path)
+    todo: dict[str, tuple[Problem, int]] = {}  # request key -> (problem, sample_idx), in problem order
     for problem in problems:
-        missing = [i for i in range(cfg.n) if (problem.id, i) not in done]
-        if missing:
+        for sample_idx in range(cfg.n):
+            if (problem.id, sample_idx) not in existing.keys:
+                todo[record_id(problem.id, sample_idx)] = (problem, sample_idx)
+
+    # ---- engine (only when there is work): a missing [gpu] extra, an unloadable teacher or an
+    # unreachable server stop here, before the run directory is made
+    engine = make_engine(cfg.engine, cfg.model, **engine_options(cfg)) if todo else None
+    engine_name = engine.name if engine else cfg.engine
+    engine_version = engine.version if engine else existing.engine_version or "unknown"
+    tokenizer = engine.tokenizer if engine else None
+    if tokenizer is not None and cfg.chat_template is not None:
+        tokenizer.chat_template = load_chat_template(cfg.chat_template)
+    rendered: dict[str, RenderedPrompt] = {}
+    for problem, _ in todo.values():
+        if problem.id not in rendered:
             rendered[problem.id] = render_prompt(tokenizer, problem.problem, system=cfg.system, instruction=cfg.instruction)
-        for sample_idx in missing:
-            todo[record_id(problem.id, sample_idx)] = (problem, sample_idx)
+
+    run_dir = RunDir(out, "generate", cfg, sources, locked=LOCKED)
+    writer = TraceWriter(trace_path)
     complete = sum(1 for p in problems if p.id not in rendered)
     run_dir.say(
         f"distill generate: {len(problems)} problems x n={cfg.n} from {cfg.data}"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
-        + f"; {len(existing.keys)} samples already in {writer.path.name}, {len(todo)} to go; "
-        f"teacher {cfg.model} on {engine.name} ({engine.version})"
+        + f"; {len(existing.keys)} samples already in {trace_path.name}, "
+        + (f"{len(todo)} to go; teacher {cfg.model} on {engine_name} ({engine_version})" if todo else "nothing to do")
         + (f"; skipped {len(loaded.skipped)} bad rows" if loaded.skipped else "")
     )
     for message in loaded.skipped[:20]:
@@ -217,8 +222,8 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     )
     provenance = {
         "teacher": cfg.model,
-        "engine": engine.name,
-        "engine_version": engine.version,
+        "engine": engine_name,
+        "engine_version": engine_version,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "n": cfg.n,
                      **({"stop": list(cfg.stop)} if cfg.stop else {})},
     }
@@ -237,18 +242,16 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
         last_flush = time.time()
 
     try:
-        for completion in engine.generate(requests):
+        for completion in engine.generate(requests) if engine else ():
             problem, sample_idx = todo[completion.key]
+            progress.update(1)
             if completion.finish_reason == "error":
                 stats.errors.append(f"{completion.key}: {completion.info.get('error', 'engine error')}")
-                progress.update(1)
                 continue
             buffer.append(_record(cfg, problem, sample_idx, rendered[problem.id], completion, provenance))
             stats.add(completion)
             remaining[problem.id] -= 1
-            if remaining[problem.id] == 0:
-                complete += 1
-            progress.update(1)
+            complete += remaining[problem.id] == 0
             now = time.time()
             if len(buffer) >= cfg.flush_every or now - last_flush >= cfg.flush_seconds:
                 flush()
@@ -261,8 +264,10 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
         if buffer:
             flush()
         writer.close()
+        progress.set_postfix_str(_rates(stats, time.time() - generation_started, complete, len(problems)))
         progress.close()
-        engine.close()
+        if engine:
+            engine.close()
 
     # ---- metrics: totals over the whole trace file, and this run's throughput
     wall = time.time() - started
@@ -270,11 +275,11 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     totals = existing.merged(stats)
     metrics = {
         "teacher": cfg.model,
-        "engine": engine.name,
-        "engine_version": engine.version,
+        "engine": engine_name,
+        "engine_version": engine_version,
         "data": cfg.data,
         "shard": cfg.shard,
-        "trace_file": writer.path.name,
+        "trace_file": trace_path.name,
         "problems": len(problems),
         "problems_complete": complete,
         "samples": totals["samples"],
@@ -292,14 +297,14 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     else:
         write_json(run_dir.file(f"metrics.shard-{shard[0]}-of-{shard[1]}.json"), {"stage": "generate", "wall_time_s": round(wall, 3), **metrics})
     run_dir.say(
-        f"wrote {stats.samples} samples ({stats.completion_tokens} output tokens) in {wall:.1f}s to {writer.path}; "
+        f"wrote {stats.samples} samples ({stats.completion_tokens} output tokens) in {wall:.1f}s to {trace_path}; "
         f"{totals['samples']} in total, {complete}/{len(problems)} problems complete"
     )
     if stats.errors:
         for message in stats.errors:
             run_dir.log.error(message)
         raise DistillError(
-            f"{len(stats.errors)} samples failed (first: {stats.errors[0]}); finished samples are kept in {writer.path}; "
+            f"{len(stats.errors)} samples failed (first: {stats.errors[0]}); finished samples are kept in {trace_path}; "
             "rerun the same command to retry the failed ones"
         )
     return metrics
@@ -368,6 +373,7 @@ class RunStats:
 @dataclass
 class Existing:
     keys: set[tuple[str, int]]
+    engine_version: str | None = None  # of the last record, for a run with nothing left to do
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
@@ -397,6 +403,7 @@ def scan_traces(path: Path) -> Existing:
         existing.prompt_tokens += int(row.get("prompt_tokens") or 0)
         existing.completion_tokens += int(row.get("completion_tokens") or 0)
         existing.finish_reasons[row.get("finish_reason") or "unknown"] += 1
+        existing.engine_version = row.get("engine_version") or existing.engine_version
     return existing
 
 

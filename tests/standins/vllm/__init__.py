@@ -17,7 +17,7 @@ order they were added. Text is decoded from seeded random token ids with the mod
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __version__ = "0.0.0+standin"
@@ -80,8 +80,9 @@ class _Namespace:
 
 
 class _Engine:
-    def __init__(self, tokenizer: Any, max_num_seqs: int):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, eos_token_id: int, max_num_seqs: int):
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`: decode only, light to import
+        self.eos_token_id = eos_token_id
         self.max_num_seqs = max_num_seqs
         self.waiting: list[_Running] = []
         self.running: list[_Running] = []
@@ -95,7 +96,7 @@ class _Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be SamplingParams")
         rng = random.Random(params.seed)
-        eos = self.tokenizer.eos_token_id
+        eos = self.eos_token_id
         length = rng.randint(1, params.max_tokens)
         planned = [rng.randrange(200, 5000) for _ in range(length)]
         # Greedy is deterministic: at temperature 0 the seed does not matter.
@@ -136,19 +137,25 @@ class LLM:
         unknown = set(engine_args) - ENGINE_ARGS
         if unknown:
             raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
-        from transformers import AutoTokenizer
+        import json
+        from pathlib import Path
 
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(engine_args.get("tokenizer") or model)
-        except OSError as error:
-            raise OSError(f"stand-in: cannot load {model}: {error}") from None
+        from tokenizers import Tokenizer
+
+        folder = Path(engine_args.get("tokenizer") or model)
+        if not (folder / "tokenizer.json").is_file():
+            raise OSError(f"stand-in: {model} is not a local model directory with a tokenizer.json")
+        eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
+        self._folder = folder
         self.engine_args = {"model": model, **engine_args}
-        self.llm_engine = _Engine(self._tokenizer, engine_args.get("max_num_seqs") or 4)
+        self.llm_engine = _Engine(Tokenizer.from_file(str(folder / "tokenizer.json")), eos, engine_args.get("max_num_seqs") or 4)
         self.prefix_cache_resets = 0
         INSTANCES.append(self)
 
     def get_tokenizer(self) -> Any:
-        return self._tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self._folder)
 
     def reset_prefix_cache(self) -> bool:
         self.prefix_cache_resets += 1
