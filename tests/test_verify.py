@@ -4,7 +4,6 @@ recorded verdicts of real long-CoT outputs."""
 from __future__ import annotations
 
 import json
-import signal
 import time
 
 import pytest
@@ -21,14 +20,23 @@ from distill.verify import (
     extract_answer,
     reference_answer,
 )
+from distill.verify.equivalence import check, quick_verdict
 from distill.verify.pool import HardLimitPool
 
-LIMIT_S = 1.0  # the verifier's hard limit in these tests
+LIMIT_S = 1.0  # the hard limit of the verifier that meets adversarial input
 SLACK_S = 1.0  # how much later than the limit a check may end (process kill + scheduling on a busy machine)
 
 
 @pytest.fixture(scope="module")
 def verifier():
+    """For exact verdicts: the default limit, so a loaded machine does not turn them into timeouts."""
+    with Verifier(workers=2) as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """For adversarial and fuzzed input, where a timeout is an acceptable verdict."""
     with Verifier(workers=2, timeout_s=LIMIT_S) as shared:
         yield shared
 
@@ -172,14 +180,58 @@ def test_gsm8k_reference_and_order_kept(verifier):
     assert [v.correct for v in verdicts] == [True, False, True]
 
 
+def test_equal_compares_final_answers(verifier):
+    assert verifier.equal([("\\frac{1}{2}", "0.5"), ("x^2-1", "(x-1)(x+1)"), ("3", "4"), ("[1,2)", "[1,2]")]) == [True, True, False, False]
+
+
 def test_cache_by_reference_and_answer(verifier):
-    item = ("\\frac{3}{7}", think("\\boxed{\\frac{6}{14}}", reasoning="one way"))
-    same_answer = ("\\frac{3}{7}", think("\\boxed{\\frac{6}{14}}", reasoning="another way"))
-    verifier.grade([item])
-    checked, cached = verifier.stats["checked"], verifier.stats["cached"]
-    assert verifier.grade([same_answer, item]) == [Verdict(True, "\\frac{6}{14}", "correct")] * 2
-    assert verifier.stats["checked"] == checked, "a repeated (reference, answer) pair must not be checked again"
+    item = ("x^2 - 1", think("\\boxed{(x-1)(x+1)}", reasoning="one way"))
+    same_answer = ("x^2 - 1", think("\\boxed{(x-1)(x+1)}", reasoning="another way"))
+    checked = verifier.stats["checked"]
+    assert verifier.grade([item]) == [Verdict(True, "(x-1)(x+1)", "correct")]
+    assert verifier.stats["checked"] == checked + 1
+    cached = verifier.stats["cached"]
+    assert verifier.grade([same_answer, item]) == [Verdict(True, "(x-1)(x+1)", "correct")] * 2
+    assert verifier.stats["checked"] == checked + 1, "a repeated (reference, answer) pair must not be checked again"
     assert verifier.stats["cached"] == cached + 2
+
+
+def _number(numerator: int, denominator: int, form: str) -> str:
+    if form == "int" and numerator % denominator == 0:
+        return str(numerator // denominator)
+    if form == "decimal":
+        return repr(round(numerator / denominator, 3))
+    sign = "-" if numerator < 0 else ""
+    if form == "slash":
+        return f"{numerator}/{denominator}"
+    return f"{sign}\\{form}{{{abs(numerator)}}}{{{denominator}}}"
+
+
+FORMS = st.sampled_from(["int", "frac", "dfrac", "slash", "decimal"])
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=st.integers(-40, 40), b=st.integers(1, 9), c=st.integers(-40, 40), d=st.integers(1, 9), form_a=FORMS, form_b=FORMS)
+def test_quick_verdicts_agree_with_math_verify(a, b, c, d, form_a, form_b):
+    """The parent-side shortcut (no sympy) decides only where math-verify says the same."""
+    reference, answer = _number(a, b, form_a), _number(c, d, form_b)
+    quick = quick_verdict(reference, answer)
+    if quick is not None:
+        assert quick == check(reference, answer), f"{reference} vs {answer}"
+
+
+def test_quick_spacing_verdicts_agree_with_math_verify():
+    references = [json.loads(line)["answer"] for line in shared_path("eval/math500/test.jsonl").read_text().splitlines()]
+    decided = 0
+    for reference in references[::12]:
+        spaced = reference.replace("+", " + ").replace(",", ",\\ ").replace("\\frac", "\\dfrac")
+        if "\\left" not in reference:
+            spaced = spaced.replace("(", "\\left( ").replace(")", " \\right)")
+        quick = quick_verdict(reference, spaced)
+        if quick is not None and spaced != reference:
+            decided += 1
+            assert quick == check(reference, spaced) == (True, "correct"), f"{reference} vs {spaced}"
+    assert decided >= 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,19 +248,20 @@ ADVERSARIAL = [
 ]
 
 
-def test_adversarial_answers_end_within_the_limit(verifier):
+def test_adversarial_answers_end_within_the_limit(strict):
     items = [(ref, think(f"\\boxed{{{answer}}}")) for ref, answer in ADVERSARIAL]
     started = time.monotonic()
-    verdicts = verifier.grade(items)
+    verdicts = strict.grade(items)
     elapsed = time.monotonic() - started
     assert len(verdicts) == len(items)
     assert all(v.reason in ("correct", "wrong", "timeout") for v in verdicts), verdicts
     assert verdicts[0].correct is not True  # 10^10^10^10 is not 5, whatever happens
     # Two workers, each check under the limit: the whole batch within len/2 limits (+ slack).
     assert elapsed <= len(items) / 2 * LIMIT_S + SLACK_S * 2, f"adversarial batch took {elapsed:.1f}s"
-    assert max(verifier.latencies[-len(items):]) <= LIMIT_S + SLACK_S
+    assert max(strict.latencies[-len(items):]) <= LIMIT_S + SLACK_S
     # The pool is whole afterwards: a plain check still works.
-    assert verifier.grade_one("\\frac{1}{2}", think("\\boxed{0.5}")).correct is True
+    assert strict.grade_one("\\frac{1}{2}", think("\\boxed{0.5}")).reason in ("correct", "timeout")
+    assert all(worker.process.is_alive() for worker in strict._pool.workers)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -217,10 +270,10 @@ def test_adversarial_answers_end_within_the_limit(verifier):
     answer=st.text(alphabet="0123456789x+-*/^{}()[]\\,.= fracsqtbox$", max_size=60),
     noise=st.text(max_size=80),
 )
-def test_fuzzed_inputs_always_get_a_verdict(verifier, reference, answer, noise):
+def test_fuzzed_inputs_always_get_a_verdict(strict, reference, answer, noise):
     completion = f"<think>{noise}</think>\\boxed{{{answer}}} {noise}"
     started = time.monotonic()
-    verdict = verifier.grade_one(reference, completion)
+    verdict = strict.grade_one(reference, completion)
     assert time.monotonic() - started <= LIMIT_S + SLACK_S
     assert verdict.reason in ("correct", "wrong", "no_answer", "bad_reference", "timeout")
     assert (verdict.correct is None) == (verdict.reason in ("bad_reference", "timeout"))
@@ -236,24 +289,8 @@ def test_extraction_finds_the_boxed_answer_after_any_reasoning(answer, reasoning
     assert extract_answer(completion) == answer.strip()
 
 
-def _stubborn_sleep(seconds: float) -> float:
-    """Stands in for C code that never returns to the interpreter: the soft SIGALRM is blocked."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-    try:
-        time.sleep(seconds)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
-    return seconds
-
-
-def _exit_now(code: int) -> None:
-    import os
-
-    os._exit(code)  # a worker that dies mid-check (a segfault would look the same)
-
-
 def test_pool_kills_a_stuck_worker_and_replaces_it():
-    pool = HardLimitPool(f"{__name__}:_stubborn_sleep", workers=2, timeout_s=0.5)
+    pool = HardLimitPool("pool_tasks:stubborn_sleep", workers=2, timeout_s=0.5)
     try:
         started = time.monotonic()
         outcomes = pool.run([(30.0,), (0.01,), (0.01,), (30.0,), (0.01,)])
@@ -261,14 +298,14 @@ def test_pool_kills_a_stuck_worker_and_replaces_it():
         assert [o.status for o in outcomes] == ["timeout", "ok", "ok", "timeout", "ok"]
         assert outcomes[1].value == 0.01
         assert pool.restarts == 2
-        assert elapsed < 0.5 * 2 + SLACK_S * 2, f"took {elapsed:.1f}s: a stuck task held the pool up"
         assert max(o.seconds for o in outcomes) <= 0.5 + SLACK_S
+        assert elapsed < 10, f"took {elapsed:.1f}s: a stuck task held the pool up (each sleeps 30 s)"
     finally:
         pool.close()
 
 
 def test_pool_survives_a_crashing_worker():
-    pool = HardLimitPool(f"{__name__}:_exit_now", workers=1, timeout_s=5.0)
+    pool = HardLimitPool("pool_tasks:exit_now", workers=1, timeout_s=5.0)
     try:
         outcomes = pool.run([(3,)])
         assert outcomes[0].status == "crashed"
@@ -328,3 +365,23 @@ def test_repetition_check():
     assert not looped.ok and looped.max_repeats > 10
     assert not check_repetition("1" * 20_000).ok  # a run of one character is a loop too
     assert check_repetition("short").ok
+
+
+def test_repetition_defaults_on_real_traces():
+    rows = [json.loads(line) for line in shared_path("traces/sky-t1-math-correct-5k-27b_math500.jsonl").read_text().splitlines()]
+    finished = [row["code"][0] for row in rows if "<|end_of_solution|>" in row["code"][0]]
+    cut_off = [row["code"][0] for row in rows if "<|end_of_solution|>" not in row["code"][0]]
+    assert all(check_repetition(text).ok for text in finished)  # no false alarm on a finished trace
+    looping = [text for text in cut_off if not check_repetition(text).ok]
+    assert len(looping) >= 12  # outputs that ran into max tokens in a loop (14 of the 321 cut off)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet="ab c\n", max_size=300), window=st.integers(1, 25))
+def test_repetition_counts_match_brute_force(text, window):
+    from collections import Counter
+
+    flat = " ".join(text.split())
+    expected = max(Counter(flat[i : i + window] for i in range(len(flat) - window + 1)).values()) if len(flat) >= window else (1 if flat else 0)
+    assert check_repetition(text, window, 10**9).max_repeats == expected
+

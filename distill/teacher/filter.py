@@ -21,7 +21,7 @@ Steps (top to bottom below):
    - length (with --student): prompt rendered by the student's chat template + completion + end
      of turn, in the student's tokenizer, <= max_seq_len;
    - language: no other script than the problem's beyond a threshold (R1 filters mixed
-     languages); repetition: no word n-gram repeated too often (degenerate loops).
+     languages); repetition: no 200-character stretch repeated too often (degenerate loops).
 3. Per problem: decontamination (word n-gram overlap with GSM8K, MATH-500, AIME24/25, AMC23
    and user files; default n=8), exact + near-duplicate problems (MinHash, Jaccard >= 0.8; the
    first seen is kept), the teacher's pass rate (correct / decided samples).
@@ -50,6 +50,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
+
+from tqdm import tqdm
 
 from distill.config import describe_sources
 from distill.errors import InputError
@@ -85,8 +87,8 @@ class FilterConfig:
     language_max_foreign_fraction: float = 0.01
     language_max_foreign_run: int = 20  # letters
     repetition_check: bool = True
-    repetition_ngram: int = 50  # tokens (words of <= 16 characters, punctuation marks)
-    repetition_max_repeats: int = 10
+    repetition_window: int = 200  # characters (white space collapsed)
+    repetition_max_repeats: int = 10  # reject when a window occurs more often than this
     # curation
     selection: Literal["all", "max_k", "shortest", "random_k"] = "all"
     k: int = 1  # for max_k, shortest, random_k
@@ -109,8 +111,8 @@ class FilterConfig:
             raise ValueError(f"verifier_timeout_s must be > 0, got {self.verifier_timeout_s}")
         if not 0.0 < self.dedup_threshold <= 1.0:
             raise ValueError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
-        if self.decontamination_ngram < 1 or self.repetition_ngram < 1:
-            raise ValueError("decontamination_ngram and repetition_ngram must be >= 1")
+        if self.decontamination_ngram < 1 or self.repetition_window < 1:
+            raise ValueError("decontamination_ngram and repetition_window must be >= 1")
         if len(self.think_tags) != 2 or not self.think_tags[1]:
             raise ValueError(f"think_tags is two tags (start, end), e.g. '<think>,</think>'; got {self.think_tags!r}")
 
@@ -161,10 +163,10 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     lengths = _student_lengths(records, cfg, rundir) if cfg.student else None
     max_len = lengths[1] if lengths else None
     rows: list[Row] = []
-    for index, record in enumerate(records):
+    for index, record in enumerate(tqdm(records, desc="checks", unit="trace", disable=None)):
         verdict = verdicts[index]
         language = check_language(record.problem, record.completion, cfg.language_max_foreign_fraction, cfg.language_max_foreign_run)
-        repetition = check_repetition(record.completion, cfg.repetition_ngram, cfg.repetition_max_repeats)
+        repetition = check_repetition(record.completion, cfg.repetition_window, cfg.repetition_max_repeats)
         tokens = lengths[0][index] if lengths else None
         rows.append(Row(
             answer_verdict=verdict.reason, correct=verdict.correct, extracted=verdict.extracted,
@@ -262,8 +264,8 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     metrics.update(contaminated_problems=len(contaminated), duplicate_problems=len(duplicates),
                    mean_pass_rate=stats["pass_rate"]["mean"], undecided=stats["verifier"].get("undecided", 0))
     rundir.write_metrics(metrics)
-    rundir.say(f"accepted {len(accepted)}/{len(records)} traces ({metrics['accept_rate']:.1%}) of "
-               f"{metrics['accepted_problems']} problems -> {rundir.file('accepted.parquet')}; see {rundir.file('report.md')}")
+    rundir.say(f"kept {metrics['accept_rate']:.1%} of the traces, from {metrics['accepted_problems']} problems; "
+               f"report: {rundir.file('report.md')}")
     return metrics
 
 
@@ -271,8 +273,6 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
 # step helpers
 
 def _grade(records: list[TraceRecord], cfg: FilterConfig, verifier: Verifier | None, rundir: RunDir):
-    from tqdm import tqdm
-
     if verifier is not None and tuple(verifier.think_tags) != tuple(cfg.think_tags):
         raise ValueError(f"the verifier passed in splits on {verifier.think_tags}, the config on {cfg.think_tags}")
     owned = verifier is None

@@ -12,13 +12,13 @@ the problem has no letters, the completion's main script is). A completion fails
 longer than `max_foreign_run` (letters counted; up to 3 spaces, digits or punctuation marks
 inside a run do not break it).
 
-**Repetition**: degenerate loops (a model stuck repeating itself until it hits max tokens). The
-text is cut into tokens (words of at most 16 characters, and single punctuation marks, so long
-runs of one character are caught too); a completion fails when any `ngram`-token window occurs
-more than `max_repeats` times. Defaults (50 tokens, 10 times) were set on the 530 real long-CoT
-outputs in ../shared/data/traces: every finished one repeats its most frequent 50-gram at most 6
-times, while 20-token windows flagged legitimate finished traces (a polynomial written out many
-times, synthetic-division tables).
+**Repetition**: degenerate loops (a model stuck repeating itself until it hits max tokens). With
+white space collapsed, a completion fails when some `window`-character stretch occurs more than
+`max_repeats` times (overlapping windows: a loop of period p and length L repeats each of its
+windows about (L - window) / p times). Defaults (200 characters, 10 times) were set on the 530
+real long-CoT outputs in ../shared/data/traces: no finished one repeats any 200-character
+stretch more than twice, while 21 of those cut off at max tokens repeat one 11 to 209 times. (A
+first version on 20-word windows flagged finished traces that write a polynomial out many times.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ SCRIPTS: dict[str, str] = {
 }
 _LETTERS = {name: re.compile(f"[{chars}]") for name, chars in SCRIPTS.items()}
 _MATH = re.compile(r"\$\$.*?\$\$|\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]|\\[A-Za-z]+|<[^<>\s]{1,40}>", re.DOTALL)
-_TOKENS = re.compile(r"\w{1,16}|[^\w\s]")
 
 
 def is_truncated(finish_reason: str | None) -> bool:
@@ -59,23 +58,26 @@ def check_language(
     problem: str, completion: str, max_foreign_fraction: float = 0.01, max_foreign_run: int = 20
 ) -> LanguageResult:
     problem_counts = _script_counts(_prose(problem))
+    allowed = {name for name, count in problem_counts.items() if count}
+    if allowed:
+        foreign_letters = re.compile("[" + "".join(SCRIPTS[name] for name in SCRIPTS if name not in allowed) + "]")
+        if not foreign_letters.search(completion):  # the common case, at regex speed: nothing to count
+            return LanguageResult(True, tuple(sorted(allowed)), 0.0, 0)
     prose = _prose(completion)
     counts = _script_counts(prose)
-    allowed = {name for name, count in problem_counts.items() if count}
     if not allowed:  # a problem written only in symbols: the completion's main script is its language
         allowed = {max(counts, key=counts.get)} if any(counts.values()) else set(SCRIPTS)
     total = sum(counts.values())
     foreign = sum(count for name, count in counts.items() if name not in allowed)
     longest = 0
-    if foreign:
-        for name in SCRIPTS:
-            if name in allowed or not counts[name]:
-                continue
-            letters = SCRIPTS[name]
-            # A run: letters of this script with only non-letters (spaces, digits, punctuation) between.
-            run = re.compile(f"[{letters}](?:[^A-Za-z{letters}]{{0,3}}[{letters}])*")
-            for match in run.finditer(prose):
-                longest = max(longest, len(_LETTERS[name].findall(match.group(0))))
+    for name in SCRIPTS:
+        if name in allowed or not counts[name]:
+            continue
+        letters = SCRIPTS[name]
+        # A run: letters of this script with at most 3 non-letters (spaces, digits, punctuation) between.
+        run = re.compile(f"[{letters}](?:[^A-Za-z{letters}]{{0,3}}[{letters}])*")
+        for match in run.finditer(prose):
+            longest = max(longest, len(_LETTERS[name].findall(match.group(0))))
     fraction = foreign / total if total else 0.0
     ok = fraction <= max_foreign_fraction and longest <= max_foreign_run
     return LanguageResult(ok, tuple(sorted(allowed)), round(fraction, 6), longest)
@@ -84,20 +86,33 @@ def check_language(
 @dataclass(frozen=True)
 class RepetitionResult:
     ok: bool
-    max_repeats: int  # occurrences of the most repeated n-gram
+    max_repeats: int  # occurrences of the most repeated window
 
 
-def check_repetition(text: str, ngram: int = 50, max_repeats: int = 10) -> RepetitionResult:
-    tokens = _TOKENS.findall(text)
-    if len(tokens) < ngram:
-        return RepetitionResult(True, 1 if tokens else 0)
-    vocabulary: dict[str, int] = {}
-    ids = np.fromiter((vocabulary.setdefault(t, len(vocabulary)) for t in tokens), dtype=np.uint64, count=len(tokens))
-    # Rolling polynomial hash of every window, (W, ngram) @ (ngram,) with uint64 wrap-around.
-    windows = np.lib.stride_tricks.sliding_window_view(ids, ngram)  # (W, ngram)
-    powers = np.full(ngram, 1_000_003, dtype=np.uint64) ** np.arange(ngram, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        hashes = (windows * powers).sum(axis=1, dtype=np.uint64)  # (W,)
+_BASE = np.uint64(1_000_003)  # odd, so invertible modulo 2^64
+_BASE_INVERSE = np.uint64(pow(1_000_003, -1, 1 << 64))
+
+
+def check_repetition(text: str, window: int = 200, max_repeats: int = 10) -> RepetitionResult:
+    """Fails when some `window`-character stretch (white space collapsed) occurs more than
+    `max_repeats` times. Windows are compared by a polynomial hash modulo 2^64, all computed
+    with prefix sums: O(length) numpy work, no Python loop over the text."""
+    text = " ".join(text.split())
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (L,)
+    length = len(codes)
+    if length < window:
+        return RepetitionResult(True, 1 if length else 0)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps: that is the modulus
+        powers = np.full(length + 1, _BASE, dtype=np.uint64)
+        powers[0] = 1
+        powers = np.cumprod(powers, dtype=np.uint64)  # (L+1,) B^i
+        inverse = np.full(length + 1, _BASE_INVERSE, dtype=np.uint64)
+        inverse[0] = 1
+        inverse = np.cumprod(inverse, dtype=np.uint64)  # (L+1,) B^-i
+        prefix = np.zeros(length + 1, dtype=np.uint64)
+        prefix[1:] = np.cumsum(codes * powers[:length], dtype=np.uint64)  # (L+1,) sum_{j<i} c_j B^j
+        # sum_{j in [i, i+w)} c_j B^j, shifted to start at B^0 so equal windows hash equal: (L-w+1,)
+        hashes = (prefix[window:] - prefix[:-window]) * inverse[: length - window + 1]
     _, counts = np.unique(hashes, return_counts=True)
     top = int(counts.max())
     return RepetitionResult(top <= max_repeats, top)

@@ -7,29 +7,71 @@ applies equally to the reference and the answer; then `verify(gold, answer)` dec
 math-verify's defaults (floats compared to 6 decimals, strict variables). math-verify's own
 signal-based timeouts are switched off here: the pool's limit replaces them.
 
-`quick_verdict` settles the cases that need no sympy in the parent process: identical strings
-and two plain integers. Everything else goes to a worker.
+`quick_verdict` settles the cases that need no sympy in the parent process: the same text up to
+LaTeX spacing, and plain numbers (integers, fractions, decimals). Everything else goes to a
+worker.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from fractions import Fraction
 
 _INTEGER = re.compile(r"[+-]?\d+")
+_FRACTION = re.compile(r"([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{(\d+)\}|([+-]?\d+)/(\d+)")
+_DECIMAL = re.compile(r"[+-]?\d*\.\d+|[+-]?\d+\.")
+_SPACING = re.compile(r"\\\\|\\[!,;: ]|\\left(?![A-Za-z])|\\right(?![A-Za-z])|\$")
+_WORD_SPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 
 
 def quick_verdict(reference: str, answer: str | None) -> tuple[bool | None, str] | None:
-    """(correct, reason) when it is decidable without sympy, else None."""
-    if _INTEGER.fullmatch(reference):
-        if answer is None:
-            return False, "no_answer"  # an integer reference always parses: no need to check it
-        if _INTEGER.fullmatch(answer):
-            same = int(reference) == int(answer)
-            return same, "correct" if same else "wrong"
-    if answer is not None and answer.strip() == reference.strip():
-        return True, "correct"  # math-verify agrees with itself on every MATH-500 reference
+    """(correct, reason) when it is decidable without sympy, else None. Decides only where
+    math-verify says the same on well-formed LaTeX (tests/test_verify.py checks it):
+    - the same text up to LaTeX spacing (`\\,` `\\!` `\\left` `\\right` `\\dfrac`, spaces): correct;
+    - two exact rationals (integers, `\\frac{a}{b}`, `a/b`): equal or not; with a decimal: only
+      "equal" is decided here (math-verify rounds floats, so "unequal" goes to it);
+    - no answer, and a reference that is a plain number (so it is readable): no_answer."""
+    gold = _rational(reference)
+    if answer is None:
+        return (False, "no_answer") if gold is not None else None
+    if _canonical(answer) == _canonical(reference):
+        return True, "correct"
+    predicted = _rational(answer)
+    if gold is not None and predicted is not None:
+        if gold[0] == predicted[0]:
+            return True, "correct"
+        if gold[1] and predicted[1]:  # both exact: unequal rationals are different numbers
+            return False, "wrong"
     return None
+
+
+def _rational(text: str) -> tuple[Fraction, bool] | None:
+    """(value, exact) of a plain integer, fraction or decimal; None for anything else."""
+    text = text.strip()
+    if _INTEGER.fullmatch(text):
+        return Fraction(int(text)), True
+    match = _FRACTION.fullmatch(text)
+    if match:
+        sign, numerator, denominator = (match.group(1), match.group(2), match.group(3)) if match.group(2) else ("", match.group(4), match.group(5))
+        if int(denominator) == 0:
+            return None
+        value = Fraction(int(numerator), int(denominator))
+        return (-value if sign == "-" else value), True
+    if _DECIMAL.fullmatch(text):
+        return Fraction(text), False
+    return None
+
+
+def _canonical(text: str) -> str:
+    """The text without LaTeX spacing: `\\,` `\\!` `\\ ` `\\left` `\\right` `$` and white space
+    go, `\\dfrac`/`\\tfrac` become `\\frac`; a row break `\\\\` stays, and so does the space that
+    ends a command before a letter (`\\pi r` is not `\\pir`)."""
+    text = _SPACING.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else "", text)
+    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = _WORD_SPACE.sub("\\1\0", text)
+    return re.sub(r"\s+", "", text).replace("\0", " ")
 
 
 def check(reference: str, answer: str | None) -> tuple[bool | None, str]:
@@ -37,18 +79,32 @@ def check(reference: str, answer: str | None) -> tuple[bool | None, str]:
 
     A reference math-verify cannot read at all is `bad_reference` (never a wrong answer); an
     answer it cannot read is `wrong`."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
-    gold = parse("\\boxed{" + reference + "}", parsing_timeout=None)
+    gold = list(_parse_reference(reference))
     if not gold:
         return None, "bad_reference"
     if answer is None:
         return False, "no_answer"
-    predicted = parse("\\boxed{" + answer + "}", parsing_timeout=None)
+    predicted = _parse(answer)
     if not predicted:
         return False, "wrong"
     same = bool(verify(gold, predicted, timeout_seconds=None))
     return same, "correct" if same else "wrong"
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse
+
+    return parse("\\boxed{" + text + "}", parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_reference(reference: str) -> tuple:
+    """References repeat (n samples per problem) and parsing LaTeX is the slow part (up to
+    0.4 s for an interval of fractions of pi): parse each once per worker. Sympy objects are
+    immutable, so sharing them between checks is safe."""
+    return tuple(_parse(reference))
 
 
 def warm_up() -> None:

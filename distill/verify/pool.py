@@ -71,18 +71,22 @@ def _serve(conn, function: str, warm_up: str | None, soft_timeout_s: float, memo
         conn.send_bytes(pickle.dumps(("failed", f"{type(error).__name__}: {error}")))
         return
     conn.send_bytes(pickle.dumps(("ready", None)))
-    signal.signal(signal.SIGALRM, _on_alarm)
+    soft = hasattr(signal, "setitimer")  # not on Windows: there only the hard limit holds
+    if soft:
+        signal.signal(signal.SIGALRM, _on_alarm)
     while True:
         try:
             payload = conn.recv_bytes()
         except (EOFError, OSError):
             return
         try:
-            signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+            if soft:
+                signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
             try:
                 reply = ("ok", fn(*pickle.loads(payload)))
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                if soft:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
         except _SoftTimeout:
             reply = ("timeout", None)
         except Exception as error:  # a bug or bad input in one task must not end the worker

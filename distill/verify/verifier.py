@@ -6,8 +6,9 @@
 
 Per pair: the reference's final answer (`reference_answer`: GSM8K `#### 72`, a boxed worked
 solution, or the answer itself) and the completion's (`extract_answer`: after the reasoning
-only) are taken in this process; settled here if trivial (identical strings, two integers);
-else looked up in the cache keyed by (reference answer, extracted answer); else checked by
+only) are taken in this process; settled here when sympy is not needed (`quick_verdict`: the same
+text up to LaTeX spacing, plain numbers); else looked up in the cache keyed by (reference
+answer, extracted answer); else checked by
 math-verify in a worker process under a hard wall-clock limit (`distill.verify.pool`). Pairs
 repeated within one call are checked once.
 
@@ -56,7 +57,7 @@ class Verifier:
         self.timeout_s = float(timeout_s)
         self.think_tags = (think_tags[0], think_tags[1])
         self.memory_limit_mb = memory_limit_mb
-        self.stats: Counter[str] = Counter()  # pairs, quick, cached, checked, timeout, crashed, error, restarts
+        self.stats: Counter[str] = Counter()  # pairs, quick, cached, checked, timeout, crashed, error
         self.latencies: list[float] = []  # seconds of each check a worker ran (for benchmarks)
         self._cache: dict[tuple[str, str | None], tuple[bool | None, str]] = {}
         self._pool: HardLimitPool | None = None
@@ -69,6 +70,27 @@ class Verifier:
 
     def grade_one(self, reference: str | None, completion: str) -> Verdict:
         return self.grade([(reference, completion)])[0]
+
+    def equal(self, pairs: Sequence[tuple[str, str]]) -> list[bool | None]:
+        """Are two final answers the same (no extraction: e.g. to group sampled answers for a
+        majority vote)? None when undecided (the first cannot be read, or the check timed out)."""
+        with self._lock:
+            results: list[bool | None] = [None] * len(pairs)
+            pending: dict[tuple[str, str | None], list[int]] = {}
+            for index, (first, second) in enumerate(pairs):
+                key = (first.strip(), second.strip())
+                known = self._cache.get(key) or quick_verdict(*key)
+                if known is not None:
+                    results[index] = known[0]
+                else:
+                    pending.setdefault(key, []).append(index)
+            if pending:
+                keys = list(pending)
+                for key, outcome in zip(keys, self._check(keys)):
+                    self._remember(key, outcome)
+                    for index in pending[key]:
+                        results[index] = outcome[0]
+            return results
 
     def close(self) -> None:
         with self._lock:
@@ -86,7 +108,10 @@ class Verifier:
     def __del__(self) -> None:  # a forgotten close() must not leave processes behind
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.close()
+            try:
+                pool.close()
+            except Exception:  # at interpreter exit modules may be half torn down; workers are daemons anyway
+                pass
 
     # ----------------------------------------------------------------------------------------
 
