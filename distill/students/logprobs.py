@@ -6,10 +6,13 @@ both compute the same numbers with the same code.
 A 32k-token sequence over Qwen's 152k vocabulary has 5 billion logits (20 GB in fp32): they are
 never materialised. The decoder's final hidden states (B, T, H) are computed once; only the
 positions that have a target are projected through the LM head, in chunks of `chunk_tokens`,
-and each chunk is wrapped in activation checkpointing so its logits are freed after the forward
-and recomputed in the backward: peak memory is one chunk's logits, whatever T is. On CUDA with
-liger-kernel installed, the summed loss uses liger's fused linear cross-entropy instead (same
-number, no chunk logits kept at all).
+so peak memory is one chunk's logits, whatever T is:
+- per-token log-probs (`token_logprobs`, any downstream use, e.g. GRPO ratios): each chunk is
+  wrapped in activation checkpointing, its logits freed after the forward and recomputed in the
+  backward;
+- the summed loss (`summed_nll`, SFT): liger-kernel's fused linear cross-entropy on CUDA when
+  installed, else `LinearCrossEntropy`, the same method in torch (gradients computed chunk by
+  chunk in the forward, no recomputation).
 
 `Scorer` wraps a Hugging Face causal LM (plain, peft-wrapped or FSDP-sharded) as a module whose
 forward returns these quantities; under FSDP2 it is the root module, so the embedding, final
@@ -60,13 +63,18 @@ def _chunk_logprobs(hidden, weight, bias, targets, softcap):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def logprobs_from_hidden(hidden, head: nn.Module, targets, chunk_tokens: int = 1024, softcap=None):
-    """(B, T) log p(targets) from hidden states (B, T, H); 0 where targets == IGNORE."""
-    batch, length, width = hidden.shape
+def _rows_with_targets(hidden, targets):
+    """(N, H) hidden states and (N,) targets of the positions that have a target, and where they are."""
     flat_targets = targets.reshape(-1)
-    picked = (flat_targets != IGNORE).nonzero(as_tuple=True)[0]  # positions that have a target
-    rows = hidden.reshape(-1, width).index_select(0, picked)  # (N, H)
-    wanted = flat_targets.index_select(0, picked)
+    picked = (flat_targets != IGNORE).nonzero(as_tuple=True)[0]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, picked), flat_targets.index_select(0, picked), picked
+
+
+def logprobs_from_hidden(hidden, head: nn.Module, targets, chunk_tokens: int = 1024, softcap=None):
+    """(B, T) log p(targets) from hidden states (B, T, H); 0 where targets == IGNORE. Each chunk
+    is checkpointed: its logits are freed after the forward and recomputed in the backward."""
+    batch, length, _ = hidden.shape
+    rows, wanted, picked = _rows_with_targets(hidden, targets)
     pieces = []
     for start in range(0, rows.shape[0], chunk_tokens):
         args = (rows[start : start + chunk_tokens], head.weight, head.bias, wanted[start : start + chunk_tokens], softcap)
@@ -74,9 +82,53 @@ def logprobs_from_hidden(hidden, head: nn.Module, targets, chunk_tokens: int = 1
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*args))
-    values = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0
+    if pieces:
+        values = torch.cat(pieces)
+    else:  # nothing to score: still touch every parameter, so all ranks reduce the same gradients
+        values = rows.new_zeros(0, dtype=torch.float32) + (hidden.sum() + head.weight.sum()).float() * 0
     out = values.new_zeros(batch * length).index_put((picked,), values)
     return out.view(batch, length)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log softmax(hidden @ weight.T + bias)[target], whose gradients are
+    computed chunk by chunk during the forward: one chunk's logits exist at a time and are never
+    recomputed (three vocabulary matmuls per token instead of four with checkpointing). The
+    method of liger-kernel's fused linear cross-entropy, in plain torch, for CPUs and for GPUs
+    without liger. Call it only for a loss that is backpropagated once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
+        weight_c = weight.to(hidden.dtype)
+        bias_c = bias.to(hidden.dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = hidden[start : start + chunk_tokens]
+            wanted = targets[start : start + chunk_tokens]
+            logits = F.linear(rows, weight_c, bias_c).float()  # (n, V)
+            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            total += (normaliser[:, 0] - logits.gather(-1, wanted[:, None])[:, 0]).sum()
+            grad = logits.sub_(normaliser).exp_()  # softmax, in place: d(-log p)/d logits = p - onehot
+            grad[torch.arange(len(wanted), device=grad.device), wanted] -= 1
+            grad = grad.to(hidden.dtype)
+            grad_hidden[start : start + chunk_tokens] = grad @ weight_c
+            grad_weight += (grad.t() @ rows).float()
+            if grad_bias is not None:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_bias_out = (grad_bias * grad_output).to(ctx.weight_dtype) if ctx.has_bias else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype), grad_bias_out, None, None
 
 
 def token_logprobs(model: nn.Module, input_ids, position_ids=None, targets=None, attention_mask=None, chunk_tokens: int = 1024):
@@ -94,16 +146,19 @@ def token_logprobs(model: nn.Module, input_ids, position_ids=None, targets=None,
 
 
 def summed_nll(model: nn.Module, input_ids, position_ids, targets, attention_mask=None, chunk_tokens: int = 1024, fused: str = "auto"):
-    """Sum over trained positions of -log p(target): a scalar. `fused`: "auto" (liger on CUDA when
-    installed, else chunked), "liger" (required), "chunked"."""
+    """Sum over trained positions of -log p(target): a scalar. `fused`: "auto" (liger-kernel on
+    CUDA when installed, else LinearCrossEntropy), "liger" (required), "chunked" (checkpointed
+    chunks, as token_logprobs)."""
     hidden = final_hidden_states(model, input_ids, position_ids, attention_mask)
     head, softcap = _head(model)
-    if fused != "chunked" and hidden.is_cuda and not softcap:
-        liger = _liger(required=fused == "liger")
-        if liger is not None:
-            return liger(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), bias=head.bias, ignore_index=IGNORE, reduction="sum")
-    elif fused == "liger":
+    if fused == "liger" and not hidden.is_cuda:
         raise MissingDependency("liger-kernel", "gpu", "fused_loss=liger (a CUDA device and liger-kernel)")
+    if fused != "chunked" and not softcap and torch.is_grad_enabled():
+        rows, wanted, _ = _rows_with_targets(hidden, targets)
+        liger = _liger(required=fused == "liger") if hidden.is_cuda else None
+        if liger is not None:
+            return liger(rows, head.weight, wanted, bias=head.bias, ignore_index=IGNORE, reduction="sum")
+        return LinearCrossEntropy.apply(rows, head.weight, head.bias, wanted, chunk_tokens)
     return -logprobs_from_hidden(hidden, head, targets, chunk_tokens, softcap).sum()
 
 

@@ -18,7 +18,8 @@ Where the numbers come from:
   open reproductions raised the base to 300k for 32k sequences (open-r1/Qwen2.5-Math-7B-RoPE-300k),
   and so do these presets. Qwen2.5-14B/32B and Llama-3.1/3.3 already have 32k+ contexts.
 
-Memory plans (per GPU count, 80 GB GPUs, 32k-token micro-batches). Full fine-tuning with AdamW
+Memory plans (per GPU count, 80 GB GPUs, 32k-token micro-batches; a count between two entries
+gets the smaller one's plan). Full fine-tuning with AdamW
 keeps 16 bytes per parameter (fp32 weights, gradients, two moments), sharded over the GPUs by
 FSDP; activation checkpointing keeps one layer's activations at a time; CPU offload moves the
 sharded states to host memory; LoRA keeps a bf16 base (2 bytes/param) and QLoRA a 4-bit one.
@@ -38,7 +39,8 @@ _OPENTHINKER_32B = dict(lr=1e-5, schedule="cosine", min_lr_ratio=0.0, warmup_rat
 _FULL = dict(lora=False, quantize="none", activation_checkpointing=True, cpu_offload=False)
 _FULL_OFFLOAD = dict(_FULL, cpu_offload=True)
 _LORA = dict(_FULL, lora=True)
-_QLORA = dict(_LORA, quantize="4bit")
+_LORA_OFFLOAD = dict(_LORA, cpu_offload=True)
+_QLORA = dict(_LORA, quantize="4bit")  # one process only (bitsandbytes 4-bit weights are not sharded)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen-1.5b": {
@@ -47,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "params_b": 1.54,
         "source": "open-r1 OpenR1-Distill-7B schedule with open-r1's 1.5B lr (5e-5)",
         "config": dict(_OPEN_R1_7B, lr=5e-5, max_seq_len=32768, rope_theta=300000.0, max_position_embeddings=32768, chat_template="chatml-think"),
-        "memory_plan": {1: _FULL, 2: _FULL},
+        "memory_plan": {1: _FULL},
     },
     "qwen-7b": {
         "model": "Qwen/Qwen2.5-Math-7B",
@@ -87,7 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "params_b": 70.6,
         "source": "OpenThinker-32B (OpenThoughts) schedule, global batch 128",
         "config": dict(_OPENTHINKER_32B, max_seq_len=32768, chat_template="llama3-think"),
-        "memory_plan": {1: _QLORA, 2: _LORA, 8: _LORA, 16: _FULL_OFFLOAD, 32: _FULL},
+        # One 80 GB GPU holds a 4-bit 70B plus 16k tokens of activations, not 32k.
+        "memory_plan": {1: dict(_QLORA, max_seq_len=16384), 2: _LORA_OFFLOAD, 8: _LORA, 16: _FULL_OFFLOAD, 64: _FULL},
     },
 }
 
@@ -139,10 +142,10 @@ def estimate_memory_gb(
     every block's. Plus one chunk of fp32 logits and its gradient."""
     gib = 2**30
     block = 12 * hidden * hidden + 3 * hidden * intermediate  # params of one decoder block, roughly
-    if lora:
-        states = params * (0.55 if quantize == "4bit" else 2.0) / world
-    elif cpu_offload:
+    if cpu_offload:
         states = 0.0
+    elif lora:
+        states = params * (0.55 if quantize == "4bit" else 2.0) / world
     else:
         states = params * 16.0 / world
     states += 2 * 2.0 * block  # gathered bf16 blocks (current + prefetched)

@@ -226,7 +226,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio))
     counts = _parameter_counts(model)
-    say(f"parameters: {counts['total'] / 1e6:.1f}M, trained {counts['trainable'] / 1e6:.2f}M{' (LoRA)' if cfg.lora else ''}")
+    say(f"parameters: {counts['total']:,}, trained {counts['trainable']:,}{' (LoRA)' if cfg.lora else ''}")
 
     checkpointer = Checkpointer(Path(cfg.out) / "checkpoints", dist, cfg.keep_checkpoints)
     fingerprint = {"sequences": len(examples), "tokens": int(sum(lengths)), "trained_tokens": int(sum(trained_counts))}
@@ -240,6 +240,12 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         say(f"resuming from {latest.name}: step {start_step} of {total_steps}")
         if run_dir is not None:
             run_dir.log_metrics({"event": "resume", "step": start_step})
+    model_dir = Path(cfg.out) / "model"
+    if start_step >= total_steps and (model_dir / "config.json").is_file() and (Path(cfg.out) / "metrics.json").is_file():
+        say(f"already trained ({total_steps} steps) and exported to {model_dir}; nothing to do")
+        from distill.rundir import read_metrics
+
+        return read_metrics(cfg.out)
     wandb = _wandb(cfg, dist) if cfg.wandb_project else None
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -323,7 +329,6 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
 
     # ---- export ------------------------------------------------------------------------------
     apply_template(tokenizer, template)
-    model_dir = Path(cfg.out) / "model"
     export_model(
         model,
         tokenizer,
@@ -579,7 +584,7 @@ def _wandb(cfg: TrainConfig, dist):
     try:
         import wandb
     except ImportError:
-        raise MissingDependency("wandb", "dev", "wandb_project=") from None
+        raise MissingDependency("wandb", "wandb", "wandb_project=") from None
     from distill.config import to_dict
 
     wandb.init(project=cfg.wandb_project, config=to_dict(cfg), dir=str(cfg.out))

@@ -1,0 +1,343 @@
+"""`distill train` end to end on tiny models, on CPU: packing, averaging, distribution, resume,
+LoRA, export and bad input.
+
+Most runs use a 2-layer Qwen2 with a character-level tokenizer (vocabulary ~100, so steps take
+milliseconds); the packing test uses conftest's tiny Qwen2 with the real Qwen2.5 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.errors import ConfigError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+# The settings every run here shares: a constant lr, so the first k steps of any run are the
+# same whatever its length, and runs of different lengths can be compared step by step.
+COMMON = ["global_batch=8", "lr=3e-3", "schedule=constant", "warmup_ratio=0", "save_every=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine's cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """A tiny Qwen2 with a character tokenizer and a ChatML template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from distill.chartok import build_char_tokenizer
+
+    out = tmp_path_factory.mktemp("char-student")
+    tokenizer = build_char_tokenizer(string.printable)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """24 arithmetic traces of varied length (problem + completion rows)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "traces.jsonl"
+    with path.open("w") as handle:
+        for _ in range(24):
+            a, b = rng.randint(10, 999), rng.randint(10, 999)
+            steps = " ".join(f"carry{k}" for k in range(rng.randint(1, 12)))
+            completion = f"<think>\n{steps} {a}+{b}={a + b}\n</think>\n\nThe answer is \\boxed{{{a + b}}}."
+            handle.write(json.dumps({"problem": f"What is {a}+{b}?", "completion": completion}) + "\n")
+    return path
+
+
+def cli(*args: str) -> int:
+    from distill.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def train_args(student: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--student", str(student), "--data", str(data), "--out", str(out), *COMMON, *extra]
+
+
+def step_records(out: Path) -> dict[int, dict]:
+    """The last record logged for each step (a killed run may have logged a step twice)."""
+    records = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(student, data, tmp_path_factory) -> Path:
+    """An uninterrupted 4-step single-process run, through the command line."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert cli(*train_args(student, data, out, "max_steps=4")) == 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def test_packed_sequences_score_exactly_like_separate_ones(tiny_qwen):
+    """Per-token log-probs of three packed sequences equal those of each sequence run alone
+    through the model's own full-logit forward, within 1e-5; a packed row with an attention
+    mask (which turns transformers' packed-sequence detection off) does not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.students.logprobs import IGNORE, summed_nll, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    texts = ["What is 2+2? It is 4.", "A longer one: 12 * 12 = 144, since 12 * 10 = 120 and 12 * 2 = 24.", "Short."]
+    sequences = [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
+    input_ids = torch.cat(sequences)[None]  # (1, T)
+    positions = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    targets = torch.cat([torch.cat([s[1:], torch.tensor([IGNORE])]) for s in sequences])[None]
+    with torch.no_grad():
+        packed = token_logprobs(model, input_ids, positions, targets, chunk_tokens=7)[0]  # small chunks on purpose
+        leaky = token_logprobs(model, input_ids, positions, targets, attention_mask=torch.ones_like(input_ids))[0]
+        start, reference = 0, []
+        for sequence in sequences:
+            logits = model(sequence[None]).logits[0].float()  # (L, V): the plain path
+            alone = torch.log_softmax(logits, -1)[:-1].gather(-1, sequence[1:, None])[:, 0]
+            reference.append(alone)
+            assert torch.allclose(packed[start : start + len(sequence) - 1], alone, atol=1e-5, rtol=0)
+            assert packed[start + len(sequence) - 1] == 0, "a sequence's last position predicts nothing"
+            start += len(sequence)
+        total = summed_nll(model, input_ids, positions, targets, chunk_tokens=5)
+    assert torch.isclose(total, -torch.cat(reference).sum(), atol=1e-4)
+    later = slice(len(sequences[0]), None)
+    assert (leaky[later] - packed[later]).abs().max() > 1e-3, "the test detects attention across sequences"
+
+
+def test_chunked_losses_have_the_gradients_of_full_logit_cross_entropy(tiny_qwen):
+    """summed_nll (fused: gradients computed in the forward; chunked: checkpointed chunks) gives
+    the loss and gradients of plain cross-entropy over materialised logits."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from distill.students.logprobs import IGNORE, summed_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 1000, (2, 23))
+    targets = torch.cat([input_ids[:, 1:], torch.full((2, 1), IGNORE)], 1)
+    targets[0, :5] = IGNORE  # an untrained prompt
+    position_ids = torch.arange(23).expand(2, 23)
+
+    def gradients(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def full():
+        logits = model(input_ids, position_ids=position_ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    expected_loss, expected = gradients(full)
+    for mode in ("auto", "chunked"):
+        loss, grads = gradients(lambda: summed_nll(model, input_ids, position_ids, targets, chunk_tokens=8, fused=mode))
+        assert torch.isclose(loss, expected_loss, rtol=1e-5), mode
+        for name, grad in grads.items():
+            assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), (mode, name)
+
+
+def test_one_step_of_8_equals_4_accumulated_micro_batches_of_2(student, data, tmp_path):
+    """The loss is the mean over every trained token of the global batch, however the batch is cut
+    into micro-batches (padded or packed): same loss and gradient norm for two steps."""
+    from distill.students.sft import TrainConfig, run
+
+    def two_steps(name: str, **changes) -> dict[int, dict]:
+        cfg = TrainConfig(student=str(student), data=str(data), out=tmp_path / name, global_batch=8, lr=3e-3, warmup_ratio=0,
+                          max_steps=2, save_every=100, **changes)  # fmt: skip
+        run(cfg)
+        return step_records(tmp_path / name)
+
+    whole = two_steps("whole", packing=False, micro_batch_size=8)
+    accumulated = two_steps("accumulated", packing=False, micro_batch_size=2)
+    packed = two_steps("packed", packing=True, micro_batch_tokens=260)
+    assert whole[1]["micro_batches"] == 1 and accumulated[1]["micro_batches"] == 4 and packed[1]["micro_batches"] > 1
+    assert whole[1]["padding_fraction"] > 0 and packed[1]["padding_fraction"] == 0
+    for step in (1, 2):
+        for other in (accumulated, packed):
+            assert other[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-5, abs=0)
+            assert other[step]["grad_norm"] == pytest.approx(whole[step]["grad_norm"], rel=1e-4, abs=0)
+            assert other[step]["trained_tokens"] == whole[step]["trained_tokens"]
+
+
+def test_loss_falls_parameters_change_and_every_step_is_logged(reference, student):
+    records = step_records(reference)
+    assert sorted(records) == [1, 2, 3, 4]
+    assert records[4]["loss"] < records[1]["loss"] - 0.05
+    for record in records.values():
+        assert record["lr"] == pytest.approx(3e-3) and record["grad_norm"] > 0 and record["tokens_per_s"] > 0
+        assert record["peak_memory_gb"] > 0 and record["mfu"] is None  # MFU is measured on GPUs only
+    trained, base = weights(reference / "model"), weights(student)
+    changed = [name for name in base if not (trained[name] == base[name]).all()]
+    assert len(changed) == len(base), f"every parameter moved; unchanged: {set(base) - set(changed)}"
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["final_loss"] == pytest.approx(records[4]["loss"])
+    assert (reference / "config.yaml").is_file() and (reference / "train.log").is_file()
+
+
+def test_export_loads_with_transformers_and_keeps_the_chat_template(reference, student):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(reference / "model")
+    tokenizer = AutoTokenizer.from_pretrained(reference / "model")
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(student).chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1+1?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in GenerationConfig.from_pretrained(reference / "model").eos_token_id
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_kill_9_then_rerun_continues_the_same_trajectory(reference, student, data, tmp_path):
+    """A run killed with SIGKILL after step 3 (checkpoint at step 2) and run again ends exactly as
+    the uninterrupted run: same loss at every step, same final weights."""
+    out = tmp_path / "run"
+    args = train_args(student, data, out, "max_steps=4")
+    env = dict(subprocess_env(), DISTILL_FAULT_SIGKILL_AT_STEP="3")
+    killed = subprocess.run([sys.executable, "-m", "distill.cli", *args], env=env, capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000002"
+    assert not (out / "model").exists()
+    assert cli(*args) == 0  # the same command again resumes
+    log = (out / "metrics.jsonl").read_text()
+    assert '"event": "resume", "step": 2' in log
+    expected, resumed = step_records(reference), step_records(out)
+    assert [resumed[s]["loss"] for s in (1, 2, 3, 4)] == pytest.approx([expected[s]["loss"] for s in (1, 2, 3, 4)], rel=1e-6, abs=0)
+    final, reference_final = weights(out / "model"), weights(reference / "model")
+    assert all((final[name] - reference_final[name]).abs().max() < 1e-6 for name in final)
+
+
+def test_two_cpu_processes_with_fsdp_match_one_process(reference, student, data, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill.cli",
+               *train_args(student, data, out, "max_steps=2")]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, one = step_records(out), step_records(reference)
+    for step in (1, 2):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=0)
+        assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4, abs=0)
+        assert two[step]["tokens"] == one[step]["tokens"]
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None  # FSDP shards gathered into one directory
+
+
+def test_lora_merged_at_export_or_kept_as_an_adapter(student, data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = weights(student)
+    for merge in ("true", "false"):
+        assert cli(*train_args(student, data, tmp_path / merge, "max_steps=2", "lora=true", "lora_r=4", f"merge_lora={merge}", "lr=1e-2")) == 0
+    merged_dir, adapter_dir = tmp_path / "true" / "model", tmp_path / "false" / "model"
+    merged = weights(merged_dir)
+    assert not (merged_dir / "adapter_config.json").exists() and set(merged) == set(base)
+    assert (merged["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]).all(), "the frozen base is untouched"
+    assert not (merged["model.layers.0.self_attn.q_proj.weight"] == base["model.layers.0.self_attn.q_proj.weight"]).all()
+    assert (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "model.safetensors").exists()
+    ids = torch.tensor([[5, 17, 30, 41, 9]])
+    with torch.no_grad():
+        from_merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), adapter_dir)(ids).logits
+    assert torch.allclose(from_merged, with_adapter, atol=1e-5), "merged weights equal base + adapter"
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, before any training
+
+
+def test_bad_input_gets_one_clear_message_before_training(student, data, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (train_args(student, empty, tmp_path / "a"), "no training rows"),
+        (train_args(student, data, tmp_path / "b", "max_seq_len=20"), "none of the 24 rows is left to train on"),
+        (["train", "--student", "qwen-9b", "--data", str(data), "--out", str(tmp_path / "c")], "is not a preset (qwen-1.5b"),
+        (train_args(student, data, tmp_path / "d", "micro_batch_tokens=50"), "micro_batch_tokens=50 is smaller than the longest"),
+    ]
+    for args, message in cases:
+        assert cli(*args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+    import psutil
+
+    class Scarce:
+        available = 2**20  # 1 MiB free
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce())
+    assert cli(*train_args(student, data, tmp_path / "e")) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory" in err and "lora=true" in err
+    assert not (tmp_path / "e" / "checkpoints").exists(), "refused before the model was loaded"
+
+
+def test_dropped_and_truncated_sequences_are_reported(student, data, tmp_path):
+    from distill.students.sft import TrainConfig, run
+
+    lengths = []
+    for too_long in ("drop", "truncate"):
+        out = tmp_path / too_long
+        metrics = run(TrainConfig(student=str(student), data=str(data), out=out, max_seq_len=100, too_long=too_long, max_steps=1, save_every=100))
+        log = (out / "train.log").read_text()
+        lengths.append(metrics["sequences"])
+        if too_long == "drop":
+            assert metrics["dropped_too_long"] > 0 and f"dropped {metrics['dropped_too_long']} sequences longer than max_seq_len=100" in log
+        else:
+            assert metrics["truncated"] > 0 and metrics["dropped_too_long"] == 0 and "truncated" in log
+    assert lengths[1] == 24 > lengths[0]
