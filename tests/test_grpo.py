@@ -130,6 +130,10 @@ def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6], "step 5 is redone once, not logged twice"
     for a, b in zip(straight, resumed):
         assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    # the same command once more: nothing left to do, the figures stand
+    again = run(config(task, tmp_path / "killed", **settings))
+    assert again == json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert len(metrics(tmp_path / "killed")) == 6
     weights_a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     weights_b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)

@@ -347,6 +347,12 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
             raise ConfigError(f"{cfg.out}: the problems changed since checkpoint {latest.name} ({state.get('problems')} -> {len(problems)}); use a new --out")
         start_step, cursor = int(state["step"]), int(state["cursor"])
         say(f"resuming from {latest.name}: step {start_step} of {cfg.steps}")
+    model_dir = Path(cfg.out) / "model"
+    if start_step >= cfg.steps and (model_dir / "config.json").is_file() and (Path(cfg.out) / "metrics.json").is_file():
+        say(f"already trained ({cfg.steps} steps) and exported to {model_dir}; nothing to do")
+        from distill.rundir import read_metrics
+
+        return read_metrics(cfg.out)
     if run_dir is not None:
         _drop_metrics_after(run_dir, start_step)  # steps logged after the checkpoint are redone
 
@@ -443,7 +449,6 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     engine.close()
 
     # ---- the final model (what distill eval reads), the final figures ------------------------
-    model_dir = Path(cfg.out) / "model"
     export_model(model, tokenizer, model_dir, dist, merge_lora=cfg.merge_lora, dtype=_export_dtype(cfg, hf_config),
                  generation_config=generation_config(tokenizer, template, hf_config))  # fmt: skip
     last = history[-10:]
