@@ -408,45 +408,47 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     # ---- the loop -------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
     progress = tqdm(total=cfg.steps, initial=start_step, desc="grpo", unit="step", disable=not dist.is_main)
-    for step in range(start_step, cfg.steps):
-        # rollout and reward: each rank its share of the step's prompts; DAPO's dynamic sampling
-        # rolls out more prompts until every rank has a full share of informative groups
-        started = time.perf_counter()
-        rolled: list[Group] = []
-        batch: list[Group] = []
-        for attempt in range(1 + (cfg.max_refills if algorithm.dynamic_sampling else 0)):
-            mine = cursor + dist.rank * local_prompts
-            groups = rollout(list(range(mine, mine + local_prompts)))
-            cursor += cfg.prompts_per_step
-            rolled += groups
-            batch += _assign_advantages(groups, algorithm, rl)
-            short = dist.sum([float(len(batch) < local_prompts)])[0]
-            if not algorithm.dynamic_sampling or short == 0:
-                break
-        batch = batch[:local_prompts]
-        rollout_s = time.perf_counter() - started
+    try:
+        for step in range(start_step, cfg.steps):
+            # rollout and reward: each rank its share of the step's prompts; DAPO's dynamic sampling
+            # rolls out more prompts until every rank has a full share of informative groups
+            started = time.perf_counter()
+            rolled: list[Group] = []
+            batch: list[Group] = []
+            for attempt in range(1 + (cfg.max_refills if algorithm.dynamic_sampling else 0)):
+                mine = cursor + dist.rank * local_prompts
+                groups = rollout(list(range(mine, mine + local_prompts)))
+                cursor += cfg.prompts_per_step
+                rolled += groups
+                batch += _assign_advantages(groups, algorithm, rl)
+                short = dist.sum([float(len(batch) < local_prompts)])[0]
+                if not algorithm.dynamic_sampling or short == 0:
+                    break
+            batch = batch[:local_prompts]
+            rollout_s = time.perf_counter() - started
 
-        # update
-        started = time.perf_counter()
-        update = _optimise(policy, reference, optimizer, batch, algorithm, cfg, dist, step=step, pad_id=pad_id, rl=rl)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if cfg.engine == "vllm":  # the next rollout samples from the new weights
-            engine.load_weights(_policy_weights(model))
-        update_s = time.perf_counter() - started
+            # update
+            started = time.perf_counter()
+            update = _optimise(policy, reference, optimizer, batch, algorithm, cfg, dist, step=step, pad_id=pad_id, rl=rl)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            if cfg.engine == "vllm":  # the next rollout samples from the new weights
+                engine.load_weights(_policy_weights(model))
+            update_s = time.perf_counter() - started
 
-        record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch, dist), **update, "lr": lr,
-                  "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3)}  # fmt: skip
-        history.append(record)
-        if run_dir is not None:
-            run_dir.log_metrics(record)
-        progress.set_postfix(reward=_short(record["reward_mean"]), acc=_short(record["accuracy"]), len=_short(record["completion_length"], 0))
-        progress.update(1)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            checkpointer.save(step + 1, policy, optimizer, scheduler, {"cursor": cursor, "problems": len(problems)})
-    progress.close()
-    verifier.close()
-    engine.close()
+            record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch, dist), **update, "lr": lr,
+                      "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3)}  # fmt: skip
+            history.append(record)
+            if run_dir is not None:
+                run_dir.log_metrics(record)
+            progress.set_postfix(reward=_short(record["reward_mean"]), acc=_short(record["accuracy"]), len=_short(record["completion_length"], 0))
+            progress.update(1)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                checkpointer.save(step + 1, policy, optimizer, scheduler, {"cursor": cursor, "problems": len(problems)})
+    finally:  # also on Ctrl-C or a crash: no verifier workers or engine left behind
+        progress.close()
+        verifier.close()
+        engine.close()
 
     # ---- the final model (what distill eval reads), the final figures ------------------------
     export_model(model, tokenizer, model_dir, dist, merge_lora=cfg.merge_lora, dtype=_export_dtype(cfg, hf_config),
