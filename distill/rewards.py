@@ -34,14 +34,14 @@ class RewardConfig:
     overlong: float = 1.0  # weight of DAPO's soft overlong punishment (used when overlong = "penalty")
     overlong_buffer: int | None = None  # DAPO's L_cache in tokens; None: max_tokens // 5 (DAPO: 4096 of 20480)
     repetition: float = 0.0  # weight of the repetition penalty (0: off)
-    repetition_ngram: int = 50  # a loop is an n-gram of this many words ...
-    repetition_max_repeats: int = 10  # ... repeated more often than this (the filter's defaults)
+    repetition_window: int = 200  # a loop is a stretch of this many characters ...
+    repetition_max_repeats: int = 10  # ... occurring more often than this (the filter's defaults)
 
     def __post_init__(self) -> None:
         if self.overlong_buffer is not None and self.overlong_buffer <= 0:
             raise ValueError("rewards.overlong_buffer must be a positive number of tokens (or null for max_tokens // 5)")
-        if self.repetition_ngram < 1 or self.repetition_max_repeats < 1:
-            raise ValueError("rewards.repetition_ngram and rewards.repetition_max_repeats must be at least 1")
+        if self.repetition_window < 1 or self.repetition_max_repeats < 1:
+            raise ValueError("rewards.repetition_window and rewards.repetition_max_repeats must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def score(
         verdict = verdicts.get(i)
         formatted = bool(check_format(completion, think=think))
         overlong = cfg.overlong * soft_overlong_penalty(length, max_tokens, buffer) if overlong_penalty else 0.0
-        loops = cfg.repetition and not check_repetition(completion, cfg.repetition_ngram, cfg.repetition_max_repeats).ok
+        loops = cfg.repetition and not check_repetition(completion, window=cfg.repetition_window, max_repeats=cfg.repetition_max_repeats).ok
         repetition = -cfg.repetition if loops else 0.0
         if verdict is None or verdict.correct is None:
             reason = "no_reference" if verdict is None else verdict.reason

@@ -54,7 +54,7 @@ def test_overlong_penalty_only_when_the_algorithm_asks_and_buffer_defaults_to_a_
 
 def test_repetition_penalty_uses_the_filters_loop_test(verifier):
     loop = "<think>\n" + "we try again and again " * 30 + "</think>\n\\boxed{3}"
-    cfg = RewardConfig(format=0.0, repetition=0.5, repetition_ngram=5, repetition_max_repeats=10)
+    cfg = RewardConfig(format=0.0, repetition=0.5, repetition_window=40, repetition_max_repeats=10)
     looping, clean = score(verifier, ["3", "3"], [loop, "<think>\nok</think>\n\\boxed{3}"], [5, 5], cfg, max_tokens=1000, overlong_penalty=False)
     assert looping.repetition == -0.5 and looping.total == 0.5
     assert clean.repetition == 0.0 and clean.total == 1.0
