@@ -201,13 +201,13 @@ PRESET_KEYS = ("rope_theta", "max_position_embeddings", "chat_template", "lora",
 def load_grpo_config(recipe: str | Path | None = None, flags: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> Loaded[GRPOConfig]:
     """The config from defaults < preset < recipe < flags < key=value (see distill train)."""
     from distill.students.presets import is_preset, preset_values
-    from distill.students.sft import _gpus
+    from distill.students.sft import visible_gpus
 
     first = load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides)
     student = first.config.student
     if not is_preset(student):
         return first
-    preset = {k: v for k, v in preset_values(student, _gpus()).items() if k in PRESET_KEYS}
+    preset = {k: v for k, v in preset_values(student, visible_gpus()).items() if k in PRESET_KEYS}
     return load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides, preset=preset, preset_name=student)
 
 
@@ -274,7 +274,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     from distill.students.checkpoint import Checkpointer, export_model
     from distill.students.parallel import shard
     from distill.students.rl import PolicyScorer
-    from distill.students.sft import _export_dtype, build_optimizer, generation_config, load_student, lr_factor, resolve_student
+    from distill.students.sft import export_dtype, build_optimizer, generation_config, load_student, lr_factor, resolve_student
     from distill.teacher.prompts import full_completion, render_prompt
     from distill.verify import Verifier
 
@@ -451,7 +451,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         engine.close()
 
     # ---- the final model (what distill eval reads), the final figures ------------------------
-    export_model(model, tokenizer, model_dir, dist, merge_lora=cfg.merge_lora, dtype=_export_dtype(cfg, hf_config),
+    export_model(model, tokenizer, model_dir, dist, merge_lora=cfg.merge_lora, dtype=export_dtype(cfg, hf_config),
                  generation_config=generation_config(tokenizer, template, hf_config))  # fmt: skip
     last = history[-10:]
     final = {
