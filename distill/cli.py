@@ -200,7 +200,8 @@ def demo(
     # Until the toy world lands (issue #8) there is no end-to-end path to run; say so plainly
     # rather than pretend, and succeed so `make demo` shows the state of the project.
     typer.echo("distill demo: the toy-world pipeline is not built yet (issue #8).")
-    typer.echo("Built so far: the CLI, typed recipes, trace records and run directories (`distill doctor` checks the set-up).")
+    typer.echo("Built: generate, filter, train, grpo, eval and compare (each runs on CPU with the hf engine; see README).")
+    typer.echo("In progress: the toy task, its teacher and base student, and this command (distill/toy/).")
 
 
 @app.command()
