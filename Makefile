@@ -37,8 +37,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Benchmarks take minutes to hours on 2 cores: run the one you need (docs/benchmarks.md gives
+# each command and its last figures; --write updates that file).
 bench: setup
-	$(PY) bench/run_all.py
+	@echo "benchmarks (run one with $(PY) bench/NAME.py --help):"; ls bench/*.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

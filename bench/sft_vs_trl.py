@@ -13,9 +13,8 @@ cost, as in small real students). Every trainer: 1 epoch, 8 sequences per optimi
 Configurations (each in its own process, run one after the other):
 - distill (packed): our defaults: padding-free packing into micro-batches of --max-len tokens.
 - distill (padded): packing=false, 2 sequences per micro-batch padded to the longest.
-- TRL default: SFTTrainer's default batching (padding to the longest in the batch, no packing),
-  with 2 sequences per device batch x 4 accumulation steps (8 per device would materialise
-  8 x 2048 x 151,665 fp32 logits, 10 GB, plus their gradient: more than this machine has).
+- TRL default: SFTTrainer's defaults (8 sequences per device batch, padded to the longest, no
+  packing).
 - TRL packed (its best): packing=True, packing_strategy="bfd" (padding-free, position ids), rows
   of --max-len tokens, accumulation set so that it takes as many steps as the others.
 gradient_checkpointing=False for TRL (its default is True) so that all runs do the same work.
@@ -46,7 +45,7 @@ CONFIGS = ["distill-packed", "distill-padded", "trl-default", "trl-packed"]
 LABELS = {
     "distill-packed": "distill (packed)",
     "distill-padded": "distill (padded, 2 per micro-batch)",
-    "trl-default": "TRL SFTTrainer default (padded, 2 x 4 accumulation)",
+    "trl-default": "TRL SFTTrainer default (padded, 8 per batch)",
     "trl-packed": "TRL SFTTrainer packing='bfd' (padding-free)",
 }
 LR = 1e-3
@@ -130,7 +129,7 @@ def worker_trl(workdir: Path, name: str, max_len: int, mean_len: float) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     packed = name == "trl-packed"
-    per_device, accumulation = (1, rows_per_step(workdir, max_len)) if packed else (2, 4)
+    per_device, accumulation = (1, rows_per_step(workdir, max_len)) if packed else (BATCH, 1)
     args = SFTConfig(
         output_dir=str(workdir / name), max_length=max_len, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation, num_train_epochs=1, learning_rate=LR, lr_scheduler_type="constant",
@@ -220,6 +219,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-sft-vs-trl")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in a Markdown file")
+    parser.add_argument("--rerun", nargs="+", choices=CONFIGS, help="run only these again, reusing --workdir's data and other results")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--mean-len", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,19 +241,26 @@ def main() -> None:
 
     import shutil
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    data = prepare(args.workdir, args.sequences, args.max_len)
+    if args.rerun:
+        data = json.loads((args.workdir / "data.json").read_text())
+    else:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        args.workdir.mkdir(parents=True)
+        data = prepare(args.workdir, args.sequences, args.max_len)
+        (args.workdir / "data.json").write_text(json.dumps(data))
     print(f"data: {data}", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(args.threads))
     results = {}
     for name in CONFIGS:
-        print(f"running {name} ...", file=sys.stderr)
-        command = [sys.executable, __file__, "--worker", name, "--workdir", str(args.workdir), "--max-len", str(args.max_len),
-                   "--threads", str(args.threads), "--mean-len", str(data["mean_len"])]  # fmt: skip
-        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        if not (args.rerun and name not in args.rerun):
+            print(f"running {name} ...", file=sys.stderr)
+            command = [sys.executable, __file__, "--worker", name, "--workdir", str(args.workdir), "--max-len", str(args.max_len),
+                       "--threads", str(args.threads), "--mean-len", str(data["mean_len"])]  # fmt: skip
+            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
         results[name] = json.loads((args.workdir / f"{name}.json").read_text())
-        results[name]["held_out_loss"] = held_out_loss(results[name]["model_dir"], args.workdir / "held_out.jsonl")
+        if "held_out_loss" not in results[name]:
+            results[name]["held_out_loss"] = held_out_loss(results[name]["model_dir"], args.workdir / "held_out.jsonl")
+            (args.workdir / f"{name}.json").write_text(json.dumps(results[name], indent=2))
     section = report(results, data, args)
     print(section)
     if args.write:

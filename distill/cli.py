@@ -112,13 +112,26 @@ def train(
 
 
 @app.command(context_settings=_PASS_THROUGH)
-def grpo(ctx: typer.Context) -> None:
+def grpo(
+    student: Optional[str] = typer.Option(None, "--student", help="Student preset (qwen-1.5b, ...) or model path / hub id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Problems with reference answers: JSONL/Parquet/CSV, a preset (gsm8k-train) or a hub dataset."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (an existing one is resumed)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="grpo | dr_grpo | dapo (default grpo)."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Train an RL-only baseline (GRPO, Dr. GRPO, DAPO) from the same base, rewarded by the shared verifier.
 
     Reads problems with reference answers; writes a Hugging Face model directory, checkpoints,
     config.yaml, metrics.jsonl and metrics.json into RUN_DIR.
     """
-    _not_built("grpo", 7)
+    from distill.students.grpo import load_grpo_config, run
+
+    flags = {"student": student, "data": data, "out": out, "variant": variant}
+    loaded = load_grpo_config(recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = run(loaded.config, loaded.sources)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(metrics["model_dir"])
 
 
 @app.command(name="eval", context_settings=_PASS_THROUGH)

@@ -338,9 +338,10 @@ def _convert(value: Any, kind: Any) -> Any:
 STAGE_CONFIGS: dict[str, str] = {
     "generate": "distill.teacher.generate:GenerateConfig",
     "filter": "distill.teacher.filter:FilterConfig",
+    "train": "distill.students.sft:TrainConfig",
+    "grpo": "distill.students.grpo:GRPOConfig",
     "eval": "distill.evaluate:EvalConfig",
     "compare": "distill.compare:CompareConfig",
-    "train": "distill.students.sft:TrainConfig",
     "demo": "distill.toy.demo:DemoConfig",
 }
 

@@ -20,6 +20,8 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "vllm": ("gpu", "generate / eval / grpo --engine vllm"),
     "flash-attn": ("gpu", "train: packed sequences with flash-attention varlen kernels on GPU"),
     "liger-kernel": ("gpu", "train: fused linear cross-entropy on GPU"),
+    "bitsandbytes": ("gpu", "train / grpo: QLoRA (quantize=4bit) and 8-bit optimisers"),
+    "wandb": ("wandb", "train: wandb_project="),
     "trl": ("dev", "bench/sft_vs_trl.py"),
 }
 

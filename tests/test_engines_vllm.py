@@ -75,10 +75,13 @@ def test_data_parallel_replicas_use_their_own_gpus(standin_vllm, tiny_qwen, toke
     try:
         assert engine.data_parallel_size == 2
         completions = list(engine.generate(many(8)))
+        devices = engine._replicas.devices
     finally:
         engine.close()
     assert {c.key: c.text for c in completions} == expected
-    assert {c.info["devices"] for c in completions} == {"4", "5"}, "each replica sees only its own GPU"
+    assert devices == {0: "4", 1: "5"}, "each replica sees only its own GPU"
+    # Which replica takes which job depends on timing (a shared queue); each answer comes from one.
+    assert {c.info["devices"] for c in completions} <= {"4", "5"}
 
 
 def test_load_weights_into_the_in_process_engine(standin_vllm, tiny_qwen, tokenizer, monkeypatch):

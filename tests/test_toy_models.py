@@ -21,6 +21,13 @@ import pytest
 from distill import toy
 from distill.toy import build
 
+# Issue 8 is in progress: until the toy models are built and committed, there is nothing for
+# these tests to pin down. They skip with that reason; the issue stays open until they run.
+pytestmark = pytest.mark.skipif(
+    not toy.QUALITY_FILE.is_file(),
+    reason=f"toy models not built yet ({toy.QUALITY_FILE.relative_to(toy.ASSETS.parents[2])} missing; issue 8 in progress)",
+)
+
 PER_LEVEL = 5  # held-out problems per level checked here (the build measured toy.build's eval_per_level)
 
 

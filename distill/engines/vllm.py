@@ -259,11 +259,13 @@ class _ReplicaPool:
             process.start()
             self.processes.append(process)
         # Wait until every replica has loaded its model, so a load error surfaces before work.
+        self.devices: dict[int, str] = {}  # replica rank -> the CUDA_VISIBLE_DEVICES it runs with
         for _ in range(count):
             kind, rank, payload = self._get()
             if kind == "error":
                 self.close()
                 raise DistillError(f"vLLM replica {rank}: {payload}")
+            self.devices[rank] = payload
 
     def run(self, jobs: Iterable[dict[str, Any]]) -> Iterator[Completion]:
         import threading

@@ -53,8 +53,9 @@ class Checkpointer:
         self.folder = Path(folder)
         self.dist = dist
         self.keep = max(1, keep)
-        if dist.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
+        # The folder is made by the first save, so a run refused before training (bad input, too
+        # little memory) leaves no checkpoints/ behind.
+        if dist.is_main and self.folder.is_dir():
             for stale in self.folder.glob("*.partial"):  # a save cut short by a crash
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()

@@ -139,10 +139,10 @@ def load_train_config(recipe: str | Path | None = None, flags: Mapping[str, Any]
     student = first.config.student
     if not is_preset(student):
         return first
-    return load_config(TrainConfig, recipe=recipe, flags=flags, overrides=overrides, preset=preset_values(student, _gpus()), preset_name=student)
+    return load_config(TrainConfig, recipe=recipe, flags=flags, overrides=overrides, preset=preset_values(student, visible_gpus()), preset_name=student)
 
 
-def _gpus() -> int:
+def visible_gpus() -> int:
     import torch
 
     return int(os.environ.get("WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
@@ -348,7 +348,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         model_dir,
         dist,
         merge_lora=cfg.merge_lora,
-        dtype=_export_dtype(cfg, hf_config),
+        dtype=export_dtype(cfg, hf_config),
         generation_config=generation_config(tokenizer, template, hf_config),
     )
     metrics = {
@@ -562,7 +562,7 @@ def _check_memory(cfg: TrainConfig, hf_config, dist, tokens: int) -> None:
     check_memory(estimate, available, where, plan)
 
 
-def _export_dtype(cfg: TrainConfig, hf_config):
+def export_dtype(cfg: TrainConfig, hf_config):
     import torch
 
     if cfg.export_dtype == "bfloat16":
