@@ -12,7 +12,7 @@ STAMP := $(VENV)/.distill-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench toy clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ test: setup
 # each command and its last figures; --write updates that file).
 bench: setup
 	@echo "benchmarks (run one with $(PY) bench/NAME.py --help):"; ls bench/*.py
+
+# Rebuild the toy teacher and base student from recipes/toy (about half an hour on 2 cores) and
+# install them into distill/toy/assets. To check a rebuild against the committed models without
+# replacing them: DISTILL_TOY_REBUILD=1 .venv/bin/python -m pytest tests/test_toy_models.py
+toy: setup
+	$(PY) -m distill.toy build --install
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

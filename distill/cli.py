@@ -31,10 +31,6 @@ OVERRIDES = typer.Argument(None, help="key=value overrides, type-checked like th
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _not_built(command: str, issue: int) -> None:
-    raise DistillError(f"`distill {command}` is not built yet (tracked in issue #{issue}); nothing was run")
-
-
 @app.command()
 def generate(
     model: Optional[str] = typer.Option(None, "--model", help="Teacher: hub id or path (hf, vllm) or the served model name (openai)."),
@@ -190,18 +186,20 @@ def compare(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for the demo's run directories."),
-    quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 3 minutes."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for the demo's run directories (default runs/demo, with --quick runs/demo-quick)."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 75 seconds on 2 CPU cores."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
-    """Run the whole pipeline on the embedded toy world, on CPU.
+    """Run the whole pipeline on the embedded toy world, on CPU: generate, filter, train, grpo, eval, compare.
 
-    Writes one run directory per stage under --out, and the comparison table.
+    Writes one run directory per stage under --out, the comparison report (report.md, plots) and
+    its summary (metrics.json); prints the table. Rerunning resumes; other settings need another --out.
     """
-    # Until the toy world lands (issue #8) there is no end-to-end path to run; say so plainly
-    # rather than pretend, and succeed so `make demo` shows the state of the project.
-    typer.echo("distill demo: the toy-world pipeline is not built yet (issue #8).")
-    typer.echo("Built: generate, filter, train, grpo, eval and compare (each runs on CPU with the hf engine; see README).")
-    typer.echo("In progress: the toy task, its teacher and base student, and this command (distill/toy/).")
+    from distill.toy.demo import load_demo_config, run
+
+    loaded = load_demo_config(quick=quick, out=out, recipe=recipe, overrides=overrides or [])
+    run(loaded.config, loaded.sources)
 
 
 @app.command()

@@ -342,6 +342,7 @@ STAGE_CONFIGS: dict[str, str] = {
     "grpo": "distill.students.grpo:GRPOConfig",
     "eval": "distill.evaluate:EvalConfig",
     "compare": "distill.compare:CompareConfig",
+    "demo": "distill.toy.demo:DemoConfig",
 }
 
 

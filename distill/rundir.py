@@ -70,6 +70,11 @@ class RunDir:
         with (self.path / METRICS_LOG).open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
+    def step_rows(self) -> list[dict[str, Any]]:
+        """The logged step records (rows with a "step"), one per step: a step logged again after a
+        resume (grpo replays from its last checkpoint) counts once, by its last record."""
+        return step_rows(self.path)
+
     def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
         """Write the final metrics.json atomically, with the stage name and wall time added."""
         data = {"stage": self.stage, "wall_time_s": round(time.time() - self.started, 3), **_jsonable(metrics)}
@@ -81,6 +86,22 @@ def write_json(path: Path, data: Any) -> Path:
     tmp.write_text(json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def step_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """See RunDir.step_rows; for a run directory on disk."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.is_file():
+        return []
+    last: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a crash mid-write
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and "event" not in row:
+            last[row["step"]] = row
+    return [last[step] for step in sorted(last)]
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:

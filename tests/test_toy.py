@@ -55,19 +55,22 @@ def test_problems_file_is_read_by_the_shared_loader(tmp_path):
 
 
 def parse_trace(text: str) -> tuple[list[tuple[int, str, int, int]], str]:
-    """(left, sign, right, result) per step of a rewrite-style trace, and the boxed answer;
-    asserts each line copies the rest of the expression unchanged."""
+    """(left, sign, right, result) per step of a trace, and the boxed answer; asserts each line
+    brackets the first operation of the line above, with the running value as its left operand,
+    and copies the rest unchanged."""
     match = re.fullmatch(r"<think>\n(.*)\n</think>\n\\boxed\{(\d+)\}", text, re.S)
     assert match, f"not an R1-style trace: {text!r}"
     lines = match.group(1).split("\n")
     terms = re.findall(r"([+-]?)(\d+)", lines[0])
     steps = []
     for index, line in enumerate(lines[1:], start=1):
-        value = re.fullmatch(r"=(\d+)(.*)", line)
-        assert value, f"not a step line: {line!r}"
-        assert value.group(2) == "".join(s + n for s, n in terms[index + 1 :]), f"line {line!r} must copy the rest"
-        left = int(terms[0][1]) if index == 1 else steps[-1][3]
-        steps.append((left, terms[index][0], int(terms[index][1]), int(value.group(1))))
+        step = re.fullmatch(r"\[(\d+)([+-])(\d+)=(\d+)\](.*)", line)
+        assert step, f"not a step line: {line!r}"
+        left, sign, right, result, rest = int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(4)), step.group(5)
+        assert left == (int(terms[0][1]) if index == 1 else steps[-1][3]), f"line {line!r} must start from the running value"
+        assert (sign, str(right)) == terms[index], f"line {line!r} must take the next operand"
+        assert rest == "".join(s + n for s, n in terms[index + 1 :]), f"line {line!r} must copy the rest"
+        steps.append((left, sign, right, result))
     return steps, match.group(2)
 
 
@@ -139,10 +142,20 @@ def test_corpora_are_chat_records_of_the_right_kind(tmp_path):
         steps, boxed = parse_trace(record.completion)
         assert boxed == record.answer
         assert record.messages()[0] == {"role": "user", "content": toy.user_turn(record.problem)}
-    base = toy.base_corpus(400, seed=0, step_fraction=0.5)
-    assert all(r.completion == toy.direct_answer(r.answer) for r in base), "the base never reasons"
-    two_number = [r for r in base if r.problem.count("+") + r.problem.count("-") == 1]
-    assert 0.4 < len(two_number) / len(base) < 0.8, "half the base corpus is two-number sums (plus level 1 and 2)"
+    base = toy.base_corpus(2000, seed=0, step_fraction=0.4, cot_fraction=0.3, bare_cot_fraction=0.05)
+    cued = [r for r in base if r.messages()[0]["content"].endswith(toy.COT_CUE)]
+    bare = [r for r in base if not r.messages()[0]["content"].endswith(toy.COT_CUE)]
+    for record in cued:  # worked solutions, asked for: correct traces
+        assert parse_trace(record.completion)[1] == record.answer
+        assert record.messages()[0]["content"] == record.problem + toy.COT_CUE
+    assert 0.25 < len(cued) / len(base) < 0.35
+    bare_traces = [r for r in bare if r.completion != toy.direct_answer(r.answer)]
+    assert all(parse_trace(r.completion)[1] == r.answer for r in bare_traces), "unasked, the base either answers or reasons correctly"
+    assert 0.02 < len(bare_traces) / len(base) < 0.08, "the base rarely reasons unasked"
+    direct = [r for r in bare if r.completion == toy.direct_answer(r.answer)]
+    assert all(r.messages()[0]["content"] == toy.user_turn(r.problem) for r in bare)
+    two_number = [r for r in direct if r.problem.count("+") + r.problem.count("-") == 1]
+    assert 0.35 < len(two_number) / len(base) < 0.6, "two-number sums (steps, plus level 1) are a large share"
     assert max(int(re.findall(r"\d+", r.problem)[0]) for r in two_number) > 20, "steps start from running totals"
     path = tmp_path / "teacher.parquet"
     assert write_parquet(teacher, path) == len(teacher)

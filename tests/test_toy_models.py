@@ -1,7 +1,7 @@
 """The committed toy models (distill/toy/assets) are the ones their recipes make, and as good as
 recorded when they were built.
 
-A full rebuild (`python -m distill.toy build`) takes tens of CPU-minutes, so these tests check
+A full rebuild (`python -m distill.toy build`) takes about half an hour of CPU, so these tests check
 two cheaper things that together pin the models down:
 - the committed models, evaluated greedily through `distill eval` on part of the held-out split,
   give exactly the verdicts recorded at build time (assets/quality.json);
@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 from distill import toy
 from distill.toy import build
-
-# Issue 8 is in progress: until the toy models are built and committed, there is nothing for
-# these tests to pin down. They skip with that reason; the issue stays open until they run.
-pytestmark = pytest.mark.skipif(
-    not toy.QUALITY_FILE.is_file(),
-    reason=f"toy models not built yet ({toy.QUALITY_FILE.relative_to(toy.ASSETS.parents[2])} missing; issue 8 in progress)",
-)
 
 PER_LEVEL = 5  # held-out problems per level checked here (the build measured toy.build's eval_per_level)
 
@@ -46,7 +40,7 @@ def test_committed_models_fit_the_size_budget_and_load():
         config = AutoConfig.from_pretrained(path)
         assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("qwen2", shape.hidden, shape.layers)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        text = "<think>\n9+8-3\n=17-3\n=14\n</think>\n\\boxed{14}"
+        text = "<think>\n9+8-3\n[9+8=17]-3\n[17-3=14]\n</think>\n\\boxed{14}"
         assert tokenizer(text).input_ids == toy.build_tokenizer()(text).input_ids
 
 
@@ -76,3 +70,20 @@ def test_recipe_reproduces_the_recorded_start_of_training(tmp_path, which):
     assert len(losses) == len(expected) == build.EARLY_STEPS
     assert all(math.isclose(a, b, rel_tol=2e-3) for a, b in zip(losses, expected)), f"{which}: losses {losses} != recorded {expected}"
     assert losses[-1] < losses[0], "the loss falls"
+
+
+@pytest.mark.skipif(
+    os.environ.get("DISTILL_TOY_REBUILD") != "1",
+    reason="a full rebuild of the toy models takes about half an hour of CPU: run with DISTILL_TOY_REBUILD=1",
+)
+def test_full_rebuild_reaches_the_committed_quality(tmp_path):
+    """The whole build from the recipes, measured like the committed models: each level's greedy
+    accuracy within 0.1 of the recorded one (another CPU's float rounding may move a few
+    verdicts, not the quality)."""
+    recorded = quality()
+    config = {k: v for k, v in recorded["build"]["config"].items() if k not in ("out", "install")}
+    rebuilt = build.build(build.BuildConfig(**config, out=tmp_path))
+    for which in ("teacher", "base"):
+        for level, accuracy in recorded["models"][which]["accuracy"].items():
+            again = rebuilt["models"][which]["accuracy"][level]
+            assert abs(again - accuracy) <= 0.1, f"{which} {level}: rebuilt {again:.3f}, committed {accuracy:.3f}"

@@ -4,38 +4,43 @@
     distill demo [--quick]                 # the whole pipeline on this world (distill/toy/demo.py)
 
 **The task.** Sums and differences of several one-digit numbers: "Compute 9+8-3-8-4+5.",
-reference answer "7". Answered directly, a model must add all operands at once; written step by
-step, each line is one small sum it can do, and the running total carries the work forward:
+reference answer "7". Answered directly, a model must add every operand at once; written step
+by step, each line is one small sum, worked out next to its operands, and the running total
+carries the work forward:
 
     <think>
-    9+8=17
-    17-3=14
-    14-8=6
-    6-4=2
-    2+5=7
+    9+8-3-8-4+5
+    [9+8=17]-3-8-4+5
+    [17-3=14]-8-4+5
+    [14-8=6]-4+5
+    [6-4=2]+5
+    [2+5=7]
     </think>
     \\boxed{7}
 
-Difficulty levels (`LEVELS`) set the number of operands (2, 3, 4, 6, 8) and their digits (one
-by default: the step facts then number about a thousand, which a tiny model learns in minutes
-on a CPU, while the direct answer to eight operands stays out of its reach). A minus sign is
-drawn only when the running total stays non-negative (every intermediate value is a natural
-number: no negative numbers to learn). The test split is fixed by its seed and held out of
+Each line does the first operation of the line above, in brackets next to its operands, and
+copies the rest, so every line depends only on the one before it, and each result is computed
+from the tokens just before it (docs/toy.md tells which other shapes a tiny model failed to
+learn, and why).
+
+Difficulty levels (`LEVELS`) set the number of operands (2, 3, 4, 6, 8) and their digits (one by
+default). A minus sign is drawn only when the running total stays non-negative (every
+intermediate value is a natural number). The test split is fixed by its seed and held out of
 every training set built here (teacher corpus, base corpus, demo problems), by problem text.
 
 **The chain-of-thought writer** (`write_trace`) produces R1-style traces; with probability
-`slip_rate` a step's result is off by a small carry-like error (+-1, +-10, +-100) and the chain
-goes on from the wrong value, as a real slip propagates. A teacher trained on such traces is
-good but fallible, which gives rejection filtering something to reject.
+`slip_rate` a step's result is off by 1 or 10 and the chain goes on from the wrong value, as a
+real slip propagates. A teacher trained on such traces is good but fallible, which gives
+rejection filtering something to reject.
 
 **The models.** A character-level tokenizer (`distill.chartok`, ChatML template, `<think>` and
-`</think>` as single tokens) and two tiny Qwen2 configs: the teacher (about 3M parameters)
-learns the traces; the base student (about 0.8M parameters) learns to answer directly, with an
-empty `<think>` block, the way a pretrained base answers without reasoning: easy problems
-right, long sums mostly wrong. Its corpus also holds the two-number sums that the chain of
-thought is made of (as a pretraining corpus holds arithmetic facts), so a student that learns to
-write steps can use what it already knows. Both are trained by `distill train` from
-`recipes/toy/*.yaml`; the checkpoints live in `distill/toy/assets/` (see `build.py`).
+`</think>` as single tokens) and two tiny Qwen2 configs: the teacher (about 2.3M parameters)
+learns the traces; the base student (about 0.8M parameters) is trained like a pretrained base:
+it answers the bare problem directly, with an empty `<think>` block (easy problems right, long
+ones mostly wrong), has seen worked solutions when asked to "think step by step" (a real base
+can be prompted into reasoning), rarely reasons unasked, and knows the step facts (see
+`base_corpus`). Both are trained by `distill train` from `recipes/toy/*.yaml`; the checkpoints
+live in `distill/toy/assets/` (see `build.py`).
 
 Prompts: the user turn is the bare problem (instruction "", see INSTRUCTION), and every stage
 of the demo is given that same instruction, so the toy models are sampled, trained, rewarded and
@@ -75,7 +80,7 @@ LEVELS: dict[int, Level] = {
     5: Level(8, 1),
 }
 TEST_SEED = 1_000_003  # the held-out test split; nothing else is drawn with it
-MAX_NEW_TOKENS = 96  # the longest trace (5 operands) is about 60 tokens
+MAX_NEW_TOKENS = 160  # the longest trace (8 operands) is about 115 tokens
 
 
 @dataclass(frozen=True)
@@ -185,33 +190,30 @@ def level_of(problem_id: str) -> int | None:
 # completions: the chain-of-thought writer and the direct answer
 
 
-def write_trace(problem: ToyProblem, rng: random.Random, slip_rate: float = 0.0, style: str = "rewrite") -> tuple[str, bool]:
+def write_trace(problem: ToyProblem, rng: random.Random, slip_rate: float = 0.0) -> tuple[str, bool]:
     """An R1-style completion: the working inside <think>, then the boxed answer.
 
-    style "rewrite": the expression, then one line per step with its first operation done and
-    the rest copied ("=17-3-8", "=14-8", "=6"); style "steps": one "a+b=c" line per step.
-    With probability `slip_rate` per step, the step's result is off by +-1, +-10 or +-100 (never
-    negative) and later steps continue from the wrong value. Returns (text, slipped)."""
+    The expression, then one line per step that works out the first operation in brackets and
+    copies the rest: "9+8-3-8" -> "[9+8=17]-3-8" -> "[17-3=14]-8" -> "[14-8=6]". Each step's
+    operands are copied next to its result, so the result is computed from the tokens just
+    before it, not from the start of the line above at a distance that changes with the line's
+    length (docs/toy.md: how the task got its shape). With probability `slip_rate` per step the
+    result is off by 1 or 10 (never negative), and later steps continue from the wrong value, as
+    a real slip propagates. Returns (text, slipped)."""
     true_totals = problem.running_totals()
     total = problem.numbers[0]
     slipped = False
-    lines = [problem.expression] if style == "rewrite" else []
+    lines = [problem.expression]
     for step, (sign, number) in enumerate(zip(problem.signs, problem.numbers[1:]), start=1):
         result = total + number if sign == "+" else total - number
         if rng.random() < slip_rate:
             # The error is carried by every later value: keep all of them non-negative.
-            lowest_later = min(true_totals[step:]) + (total - true_totals[step - 1])
-            deltas = [d for d in (1, -1, 10, -10, 100, -100) if lowest_later + d >= 0 and (abs(d) < 100 or result >= 100)]
-            result += rng.choice(deltas)
+            lowest_later = min(true_totals[step:]) + (result - true_totals[step])
+            result += rng.choice([d for d in (1, -1, 10, -10) if lowest_later + d >= 0])
             slipped = True
-        if style == "rewrite":
-            rest = "".join(f"{s}{n}" for s, n in zip(problem.signs[step:], problem.numbers[step + 1 :]))
-            lines.append(f"={result}{rest}")
-        else:
-            lines.append(f"{total}{sign}{number}={result}")
+        rest = "".join(f"{s}{n}" for s, n in zip(problem.signs[step:], problem.numbers[step + 1 :]))
+        lines.append(f"[{total}{sign}{number}={result}]{rest}")
         total = result
-    if not lines:  # a single operand: nothing to compute, still one visible step
-        lines.append(str(total))
     return "<think>\n" + "\n".join(lines) + "\n</think>\n" + boxed(total), slipped
 
 
@@ -231,6 +233,9 @@ def boxed(answer: int | str) -> str:
 # characters; the toy world leaves it out (the task never varies) to halve training compute,
 # and passes the same empty instruction to every stage.
 INSTRUCTION = ""
+# What the base student's corpus appends to the problems it shows worked solutions for: the base
+# learns to reason when asked to, and answers directly when not (see base_corpus).
+COT_CUE = " Think step by step."
 
 
 def user_turn(problem: str) -> str:
@@ -321,11 +326,23 @@ def teacher_corpus(count: int, seed: int, slip_rate: float) -> list:
     return records
 
 
-def base_corpus(count: int, seed: int, step_fraction: float = 0.5, cot_fraction: float = 0.0) -> list:
-    """TraceRecords of the base student's corpus: direct answers over all levels, plus
-    `step_fraction` of two-number sums drawn from the running totals of random problems (the
-    arithmetic facts a chain of thought uses), plus `cot_fraction` of full traces (0 by default:
-    the base never reasons)."""
+def base_corpus(
+    count: int,
+    seed: int,
+    step_fraction: float = 0.2,
+    cot_fraction: float = 0.5,
+    bare_cot_fraction: float = 0.03,
+) -> list:
+    """TraceRecords of the base student's corpus, like a pretraining corpus that holds worked
+    solutions but whose default is to answer:
+
+    - `step_fraction`: two-number sums drawn from the running totals of random problems (the
+      arithmetic facts a chain of thought uses), answered directly;
+    - `cot_fraction`: full correct traces, asked with the cue COT_CUE ("Compute 9+8-3. Think
+      step by step.") - the base can reason, when asked to, as a real base can be prompted to;
+    - `bare_cot_fraction`: full traces asked as the bare problem (rare: a real base now and then
+      works a problem out unprompted, which is what RL-only can reinforce);
+    - the rest: direct answers to the bare problem, with an empty `<think>` block."""
     rng = random.Random(seed + 1)
     excluded = {p.problem for p in heldout_split()}
     records = []
@@ -340,14 +357,17 @@ def base_corpus(count: int, seed: int, step_fraction: float = 0.5, cot_fraction:
                 continue
             records.append(_record(pair, direct_answer(pair.answer), "toy-base-corpus"))
         elif draw < step_fraction + cot_fraction:
+            records.append(_record(problem, write_trace(problem, rng)[0], "toy-base-corpus", instruction=COT_CUE))
+        elif draw < step_fraction + cot_fraction + bare_cot_fraction:
             records.append(_record(problem, write_trace(problem, rng)[0], "toy-base-corpus"))
         else:
             records.append(_record(problem, direct_answer(problem.answer), "toy-base-corpus"))
     return records
 
 
-def _record(problem: ToyProblem, completion: str, source: str):
+def _record(problem: ToyProblem, completion: str, source: str, instruction: str = ""):
     from distill.records import TraceRecord
+    from distill.teacher.prompts import user_message
 
     return TraceRecord(
         problem_id=problem.id,
@@ -356,5 +376,5 @@ def _record(problem: ToyProblem, completion: str, source: str):
         answer=problem.answer,
         completion=completion,
         source=source,
-        prompt=prompt_messages(problem.problem),
+        prompt=[{"role": "user", "content": user_message(problem.problem, instruction or INSTRUCTION)}],
     )

@@ -45,11 +45,12 @@ REPRO_EXAMPLES = 2_000  # rows of each corpus in the reproduction run
 @dataclass(frozen=True)
 class BuildConfig:
     out: Path = Path("runs/toy-build")
-    teacher_examples: int = 100_000  # CoT traces in the teacher corpus
+    teacher_examples: int = 60_000  # CoT traces in the teacher corpus
     slip_rate: float = 0.03  # per step: a slipped step propagates to a wrong answer
     base_examples: int = 100_000  # rows of the base corpus
-    step_fraction: float = 0.4  # of them two-number sums taken from running totals
-    cot_fraction: float = 0.1  # of them full (correct) traces: the base has seen some worked solutions
+    step_fraction: float = 0.2  # of them two-number sums taken from running totals
+    cot_fraction: float = 0.5  # of them worked solutions asked "step by step": the base can reason when asked
+    bare_cot_fraction: float = 0.03  # of them worked solutions to the bare problem: it rarely does unasked
     seed: int = 0
     eval_per_level: int = 40  # held-out problems per level for the quality figures
     install: bool = False
@@ -68,7 +69,7 @@ def prepare(cfg: BuildConfig) -> dict[str, Path]:
         "base_init": out / "base-init",
     }
     write_parquet(toy.teacher_corpus(cfg.teacher_examples, cfg.seed, cfg.slip_rate), paths["teacher_data"])
-    base = toy.base_corpus(cfg.base_examples, cfg.seed, cfg.step_fraction, cfg.cot_fraction)
+    base = toy.base_corpus(cfg.base_examples, cfg.seed, cfg.step_fraction, cfg.cot_fraction, cfg.bare_cot_fraction)
     write_parquet(base, paths["base_data"])
     toy.init_model(toy.TEACHER_SHAPE, paths["teacher_init"], seed=cfg.seed)
     toy.init_model(toy.STUDENT_SHAPE, paths["base_init"], seed=cfg.seed)
@@ -115,10 +116,9 @@ def write_level_files(problems: list[toy.ToyProblem], folder: Path) -> tuple[str
 
 
 def early_losses(run_dir: Path, steps: int = EARLY_STEPS) -> list[float]:
-    from distill.records import iter_jsonl
+    from distill.rundir import step_rows
 
-    losses = [row["loss"] for _, row in iter_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in row and "step" in row]
-    return losses[:steps]
+    return [row["loss"] for row in step_rows(run_dir)][:steps]
 
 
 def reproduction_run(which: str, cfg: BuildConfig, out: Path) -> list[float]:
@@ -132,6 +132,8 @@ def reproduction_run(which: str, cfg: BuildConfig, out: Path) -> list[float]:
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Prepare, train, measure and record; with cfg.install, install. A rerun resumes: finished
+    training runs are kept (their resume is a no-op), so an interrupted build loses nothing."""
     out = Path(cfg.out)
     timings: dict[str, float] = {}
     started = time.time()
@@ -139,17 +141,13 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     timings["prepare_s"] = round(time.time() - started, 1)
     quality: dict[str, Any] = {"build": _describe(cfg), "models": {}}
     for which in ("teacher", "base"):
-        started = time.time()
-        metrics = train(which, cfg)
-        timings[f"train_{which}_s"] = round(time.time() - started, 1)
+        train(which, cfg)
         started = time.time()
         measured = measure(out / which / "model", out / f"eval-{which}", cfg.eval_per_level)
         timings[f"eval_{which}_s"] = round(time.time() - started, 1)
         quality["models"][which] = {
             "recipe": f"recipes/toy/{which}.yaml",
-            "steps": metrics["steps"],
-            "first_loss": metrics["first_loss"],
-            "final_loss": metrics["final_loss"],
+            **training_record(out / which),
             "reproduction_losses": reproduction_run(which, cfg, out / "reproduction"),
             **measured,
         }
@@ -158,6 +156,21 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     if cfg.install:
         install(out)
     return quality
+
+
+def training_record(run_dir: Path) -> dict[str, Any]:
+    """Steps, first and final loss, and the time the training steps took, from the run's
+    metrics.jsonl (so a finished run that was resumed still reports its real training)."""
+    from distill.rundir import step_rows
+
+    steps = step_rows(run_dir)
+    return {
+        "steps": len(steps),
+        "first_loss": steps[0]["loss"],
+        "final_loss": steps[-1]["loss"],
+        "train_wall_s": round(sum(row.get("step_time_s", 0.0) for row in steps), 1),
+        "train_cpu_s": round(sum(row.get("cpu_time_s", 0.0) for row in steps), 1),
+    }
 
 
 def install(out: Path) -> None:

@@ -1,12 +1,12 @@
 """`distill demo`: the whole pipeline on the embedded toy world, on CPU, with the real stages.
 
-    distill demo                      # about 10 minutes on 2 CPU cores
-    distill demo --quick              # the same six steps at small size, about 3 minutes
+    distill demo                      # about 4 minutes on 2 CPU cores
+    distill demo --quick              # the same six steps at small size, about 75 seconds
     distill demo --out runs/demo key=value ...   # any DemoConfig field, e.g. samples=8
 
 Each step is the stage's own `run` (what its `distill <stage>` command calls), writing its own
 run directory under --out, so every file the pipeline makes can be opened and every step rerun
-by hand with the command printed before it:
+by hand with the command printed before it (`distill <stage> --recipe RUN/config.yaml`):
 
     data/       train.jsonl (problems the teacher solves and GRPO trains on), test/L1..L5.jsonl
                 (the held-out split, one benchmark per difficulty level)
@@ -24,18 +24,19 @@ The models start from distill/toy/assets (teacher and base student, made by
 - The prompt is the bare problem (instruction ""): the toy task never changes, and the R1
   instruction would double every sequence the CPU trains on. Every stage gets the same
   instruction, so generation, training, RL and evaluation render prompts identically.
-- Compute: the RL-only student gets about the training compute the distilled one gets
-  (`grpo_steps` is chosen so rollouts plus updates process roughly as many tokens as SFT does);
-  the teacher's sampling cost is the distilled student's alone and is reported by compare as
-  teacher tokens. The table shows each model's CPU time and tokens, so the budgets can be read.
+- Compute: the RL-only student trains on as many sequences as the distilled one (its own
+  samples instead of the teacher's; `grpo_budget` scales that, `grpo_steps` sets it outright,
+  see `grpo_steps_for`). compare's table shows each model's trained tokens, wall time and
+  the teacher tokens the distilled one cost, so the budgets can be read.
 - Eval follows the R1 protocol (temperature 0.6, top-p 0.95, k samples with their own seeds),
   with max_tokens the toy traces need.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from distill import toy
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: Path = Path("runs/demo")
+    out: Path = Path("runs/demo")  # with --quick and no --out: runs/demo-quick
     quick: bool = False  # the QUICK sizes below (set by --quick)
     seed: int = 0
     # data
@@ -54,14 +55,19 @@ class DemoConfig:
     test_per_level: int = 40  # held-out problems per level (5 levels)
     # 1. generate
     samples: int = 4  # teacher traces per problem
-    teacher_temperature: float = 0.6  # R1's sampling temperature
+    # The toy teacher learned to slip at its corpus's rate (3% per step, spread over 4 wrong
+    # results); sampled as trained (temperature 1, no top-p cut) it slips about that often, which
+    # gives the filter something to catch. At R1's 0.6 / 0.95 it slipped on 1 trace in 400.
+    teacher_temperature: float = 1.0
+    teacher_top_p: float = 1.0
     batch_size: int = 64  # rows decoded together by the hf engine
     # 3. train (distillation)
     sft_epochs: int = 4
     sft_lr: float = 1.0e-3
     sft_batch: int = 32
-    # 4. grpo (RL only); steps: None = matched to the SFT run's tokens (see `grpo_steps`)
+    # 4. grpo (RL only); steps: None = as many training sequences as SFT, times grpo_budget (see `grpo_steps_for`)
     grpo_steps: int | None = None
+    grpo_budget: float = 1.0
     grpo_prompts: int = 16  # prompts per step
     grpo_group: int = 8  # completions per prompt
     grpo_lr: float = 1.0e-4
@@ -78,7 +84,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     from distill.compare import run as compare
     from distill.evaluate import EvalConfig
     from distill.evaluate import run as evaluate
-    from distill.rundir import write_json
+    from distill.rundir import RunDir
     from distill.students.grpo import load_grpo_config
     from distill.students.grpo import run as grpo
     from distill.students.sft import load_train_config
@@ -94,12 +100,17 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
 
         raise InputError(f"{toy.ASSETS}: the toy models are missing; build them with `python -m distill.toy build --install`")
     out = Path(cfg.out)
+    # The demo's own run directory: config.yaml, demo.log and the summary as metrics.json. Its
+    # settings are locked: rerunning resumes every stage; other settings need another --out.
+    run_dir = RunDir(out, "demo", cfg, sources, locked=[f.name for f in dataclasses.fields(cfg) if f.name != "out"])
     started = time.time()
     timings: dict[str, float] = {}
 
-    def step(name: str, command: str) -> None:
+    def step(name: str, stage: str, run: str) -> None:
+        # Each stage writes its resolved settings to RUN/config.yaml, which is a recipe: the
+        # printed command reruns (or resumes) the step by hand.
         timings[name] = time.time()
-        print(f"\n== {name}: {command}", file=sys.stderr, flush=True)
+        run_dir.say(f"\n== {name}: distill {stage} --recipe {out / run / 'config.yaml'}")
 
     def done(name: str) -> None:
         timings[name] = round(time.time() - timings[name], 1)
@@ -112,29 +123,31 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     instruction = toy.INSTRUCTION
 
     # ---- 1. generate -------------------------------------------------------------------------
-    step("generate", f"distill generate --model {toy.TEACHER_DIR} --data {train_problems} --out {out / 'generate'} --engine hf --n {cfg.samples}")
+    step("generate", "generate", "generate")
     generated = generate(GenerateConfig(
         model=str(toy.TEACHER_DIR), data=str(train_problems), out=out / "generate", engine="hf", n=cfg.samples,
-        max_tokens=toy.MAX_NEW_TOKENS, temperature=cfg.teacher_temperature, top_p=0.95, seed=cfg.seed,
+        max_tokens=toy.MAX_NEW_TOKENS, temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p, seed=cfg.seed,
         instruction=instruction, hf=hf,
     ))  # fmt: skip
     done("generate")
 
     # ---- 2. filter ---------------------------------------------------------------------------
-    step("filter", f"distill filter --in {out / 'generate'} --out {out / 'filter'}")
+    step("filter", "filter", "filter")
     filtered = filter_(FilterConfig(
         traces=out / "generate", out=out / "filter", student=str(toy.BASE_DIR), max_seq_len=256,
-        decontaminate=tuple(test_files), decontamination_ngram=2, dedup=False, verifier_workers=1,
+        decontaminate=tuple(test_files), decontamination_ngram=16, dedup=False, verifier_workers=1,
     ))  # fmt: skip
     done("filter")
 
     # ---- 3. train: distil the base student on the accepted traces -----------------------------
-    step("train", f"distill train --student {toy.BASE_DIR} --data {out / 'filter' / 'accepted.parquet'} --out {out / 'train'}")
+    step("train", "train", "train")
     sft_overrides = (
         f"student={toy.BASE_DIR}", f"data={out / 'filter' / 'accepted.parquet'}", f"out={out / 'train'}",
-        "chat_template=model", "max_seq_len=160", f"epochs={cfg.sft_epochs}", f"global_batch={cfg.sft_batch}",
+        "chat_template=model", "max_seq_len=256", f"epochs={cfg.sft_epochs}", f"global_batch={cfg.sft_batch}",
         f"lr={cfg.sft_lr}", "warmup_ratio=0.05", "min_lr_ratio=0.1", "grad_clip=1.0", f"seed={cfg.seed}",
-        "micro_batch_tokens=2048", "save_every=1000",
+        # Not packed: on CPU a packed row attends over its whole length under a mask (no varlen
+        # kernel); padding 16 length-sorted toy sequences to the longest costs less.
+        "packing=false", "micro_batch_size=16", "save_every=1000",
     )  # fmt: skip
     loaded = load_train_config(overrides=sft_overrides)
     trained = train(loaded.config, loaded.sources)
@@ -142,7 +155,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
 
     # ---- 4. grpo: the same base student, RL only -----------------------------------------------
     steps = cfg.grpo_steps or grpo_steps_for(trained, cfg)
-    step("grpo", f"distill grpo --student {toy.BASE_DIR} --data {train_problems} --out {out / 'grpo'} steps={steps}")
+    step("grpo", "grpo", "grpo")
     rl_overrides = (
         f"student={toy.BASE_DIR}", f"data={train_problems}", f"out={out / 'grpo'}", f"variant={cfg.grpo_variant}",
         f"steps={steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
@@ -159,7 +172,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     names = {"eval-base": "base", "eval-distilled": "distilled", "eval-rl": "rl-only"}
     evaluations = {}
     for run_name, model in models.items():
-        step(run_name, f"distill eval --model {model} --benchmarks {','.join(test_benchmarks)} --out {out / run_name} --engine hf --k {cfg.k}")
+        step(run_name, "eval", run_name)
         evaluations[run_name] = evaluate(EvalConfig(
             model=model, benchmarks=test_benchmarks, out=out / run_name, engine="hf", k=cfg.k,
             max_tokens=toy.MAX_NEW_TOKENS, instruction=instruction, seed=cfg.seed, hf=hf, verifier_workers=1,
@@ -168,8 +181,8 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         done(run_name)
 
     # ---- 6. compare ----------------------------------------------------------------------------
-    step("compare", f"distill compare {' '.join(str(out / r) for r in models)} --baseline {out / 'eval-base'} --out {out / 'report'}")
-    report = compare(CompareConfig(runs=tuple(out / r for r in models), baseline=out / "eval-base", out=out / "report"))
+    step("compare", "compare", "report")
+    compare(CompareConfig(runs=tuple(out / r for r in models), baseline=out / "eval-base", out=out / "report"))
     done("compare")
 
     summary = {
@@ -185,9 +198,9 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         "pass@1": {names[r]: overall_pass_at_1(m) for r, m in evaluations.items()},
         "pass@1_by_level": {names[r]: {b: f["pass@1"] for b, f in m["benchmarks"].items()} for r, m in evaluations.items()},
         "report": str(out / "report" / "report.md"),
-        "grpo": {k: reinforced.get(k) for k in ("final_reward_mean", "final_accuracy") if k in reinforced},
+        "grpo": {k: reinforced.get(k) for k in ("reward_mean_first", "reward_mean_last10", "accuracy_last10", "completion_length_last10")},
     }
-    write_json(out / "summary.json", summary)
+    summary = json.loads(run_dir.write_metrics(summary).read_text(encoding="utf-8"))
     print((out / "report" / "report.md").read_text(encoding="utf-8"))
     print(summary_lines(summary))
     return summary
@@ -200,14 +213,16 @@ def overall_pass_at_1(metrics: Mapping[str, Any]) -> float:
 
 
 def grpo_steps_for(trained: Mapping[str, Any], cfg: DemoConfig) -> int:
-    """RL steps whose tokens roughly match the SFT run's: SFT processed about
-    epochs * trained-token count (plus prompts) forward and backward; one RL step samples
-    prompts * group completions (forward only, about a third of a training token's cost) and
-    trains on them once (forward and backward)."""
-    sft_tokens = (trained.get("trained_tokens_per_epoch") or 0) * cfg.sft_epochs * 1.5  # + prompt tokens
-    per_completion = 40 + 30  # prompt + completion tokens of a typical toy sample
-    per_step = cfg.grpo_prompts * cfg.grpo_group * per_completion * (1 + 1 / 3)
-    return max(4, math.ceil(sft_tokens / per_step))
+    """RL steps that train on as many sequences as the SFT run did, times `grpo_budget`.
+
+    SFT makes `sequences * epochs` forward-backward passes over teacher traces; an RL step
+    samples `grpo_prompts * grpo_group` completions from the student and makes one
+    forward-backward pass over each (mu=1). So at budget 1 both students see the same number of
+    training sequences, and each side pays for sampling them once (the teacher for SFT, the
+    student itself for RL). Token counts differ with what each model writes: compare's table
+    shows both runs' trained tokens and wall time."""
+    sequences = (trained.get("sequences") or 0) * cfg.sft_epochs
+    return max(1, math.ceil(cfg.grpo_budget * sequences / (cfg.grpo_prompts * cfg.grpo_group)))
 
 
 def summary_lines(summary: Mapping[str, Any]) -> str:
@@ -221,9 +236,9 @@ def summary_lines(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load(quick: bool, out: Path | None, overrides=()) -> Any:
-    """The demo's config: defaults, the QUICK sizes with --quick, then key=value overrides."""
+def load_demo_config(quick: bool = False, out: Path | None = None, recipe: Path | None = None, overrides=()) -> Any:
+    """The demo's config: defaults < the QUICK sizes (with --quick) < recipe < flags < key=value."""
     from distill.config import load_config
 
-    flags = {"quick": quick or None, "out": out}
-    return load_config(DemoConfig, flags=flags, overrides=overrides, preset=QUICK if quick else None, preset_name="quick")
+    flags = {"quick": quick or None, "out": out if out is not None else Path("runs/demo-quick") if quick else None}
+    return load_config(DemoConfig, recipe=recipe, flags=flags, overrides=overrides, preset=QUICK if quick else None, preset_name="--quick")
