@@ -36,3 +36,16 @@ def test_resume_refuses_changed_locked_settings(tmp_path):
     RunDir(tmp_path, "unit", Cfg(batch=16), locked=("model", "temperature"))  # batch may change
     with pytest.raises(ConfigError, match=r"other settings \(temperature: 0\.6 -> 1\.0\)"):
         RunDir(tmp_path, "unit", Cfg(temperature=1.0), locked=("model", "temperature"))
+
+
+def test_step_rows_count_each_step_once_across_resumes(tmp_path):
+    run = RunDir(tmp_path / "run", "unit", Cfg())
+    for step in (1, 2, 3):
+        run.log_metrics({"step": step, "trained_tokens": 10})
+    run.log_metrics({"event": "resume", "step": 2})  # events are not steps
+    run.log_metrics({"step": 3, "trained_tokens": 12})  # replayed after the resume: the last record counts
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "trained_tok')  # torn by a crash
+    rows = run.step_rows()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert sum(r["trained_tokens"] for r in rows) == 32
