@@ -42,7 +42,7 @@ test: setup
 bench: setup
 	@echo "benchmarks (run one with $(PY) bench/NAME.py --help):"; ls bench/*.py
 
-# Rebuild the toy teacher and base student from recipes/toy (about half an hour on 2 cores) and
+# Rebuild the toy teacher and base student from recipes/toy (about 40 minutes on 2 cores) and
 # install them into distill/toy/assets. To check a rebuild against the committed models without
 # replacing them: DISTILL_TOY_REBUILD=1 .venv/bin/python -m pytest tests/test_toy_models.py
 toy: setup

@@ -1,7 +1,7 @@
 """The committed toy models (distill/toy/assets) are the ones their recipes make, and as good as
 recorded when they were built.
 
-A full rebuild (`python -m distill.toy build`) takes about half an hour of CPU, so these tests check
+A full rebuild (`python -m distill.toy build`) takes about 40 minutes of CPU, so these tests check
 two cheaper things that together pin the models down:
 - the committed models, evaluated greedily through `distill eval` on part of the held-out split,
   give exactly the verdicts recorded at build time (assets/quality.json);
@@ -74,7 +74,7 @@ def test_recipe_reproduces_the_recorded_start_of_training(tmp_path, which):
 
 @pytest.mark.skipif(
     os.environ.get("DISTILL_TOY_REBUILD") != "1",
-    reason="a full rebuild of the toy models takes about half an hour of CPU: run with DISTILL_TOY_REBUILD=1",
+    reason="a full rebuild of the toy models takes about 40 minutes of CPU: run with DISTILL_TOY_REBUILD=1",
 )
 def test_full_rebuild_reaches_the_committed_quality(tmp_path):
     """The whole build from the recipes, measured like the committed models: each level's greedy
