@@ -187,7 +187,7 @@ def compare(
 @app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for the demo's run directories (default runs/demo, with --quick runs/demo-quick)."),
-    quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 75 seconds on 2 CPU cores."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 70 seconds on 2 CPU cores."),
     recipe: Optional[Path] = RECIPE,
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:

@@ -1,7 +1,7 @@
 """`distill demo`: the whole pipeline on the embedded toy world, on CPU, with the real stages.
 
     distill demo                      # about 4 minutes on 2 CPU cores
-    distill demo --quick              # the same six steps at small size, about 75 seconds
+    distill demo --quick              # the same six steps at small size, about 70 seconds
     distill demo --out runs/demo key=value ...   # any DemoConfig field, e.g. samples=8
 
 Each step is the stage's own `run` (what its `distill <stage>` command calls), writing its own
