@@ -75,6 +75,10 @@ class RunDir:
         resume (grpo replays from its last checkpoint) counts once, by its last record."""
         return step_rows(self.path)
 
+    def step_total(self, key: str) -> float:
+        """The sum of `key` over the logged steps (see step_rows), e.g. the tokens a run trained on."""
+        return sum(row.get(key, 0) for row in self.step_rows())
+
     def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
         """Write the final metrics.json atomically, with the stage name and wall time added."""
         data = {"stage": self.stage, "wall_time_s": round(time.time() - self.started, 3), **_jsonable(metrics)}

@@ -48,4 +48,4 @@ def test_step_rows_count_each_step_once_across_resumes(tmp_path):
         handle.write('{"step": 4, "trained_tok')  # torn by a crash
     rows = run.step_rows()
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert sum(r["trained_tokens"] for r in rows) == 32
+    assert sum(r["trained_tokens"] for r in rows) == 32 == run.step_total("trained_tokens")

@@ -472,7 +472,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         "update_s_total": sum(r["update_s"] for r in history),
         # Tokens of the policy updates over every session (metrics.jsonl): what `distill compare`
         # shows as cost, next to the SFT run's trained tokens.
-        "train_tokens": sum(row.get("trained_tokens", 0) for row in run_dir.step_rows()) if run_dir is not None else None,
+        "train_tokens": run_dir.step_total("trained_tokens") if run_dir is not None else None,
         "unverifiable_this_session": sum(r["unverifiable"] for r in history),
         "timeouts_this_session": sum(r["timeouts"] for r in history),
         "world_size": dist.world,

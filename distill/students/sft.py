@@ -366,7 +366,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         "skipped_rows": len(dataset.skipped_rows),
         "trained_tokens_per_epoch": int(sum(trained_counts)),
         # Over every session of a resumed run (metrics.jsonl): what `distill compare` shows as cost.
-        "train_tokens": sum(row.get("trained_tokens", 0) for row in run_dir.step_rows()) if run_dir is not None else None,
+        "train_tokens": run_dir.step_total("trained_tokens") if run_dir is not None else None,
         "tokens_per_s_mean": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
         "world_size": dist.world,
         "chat_template": template.name,

@@ -238,15 +238,15 @@ INSTRUCTION = ""
 COT_CUE = " Think step by step."
 
 
-def user_turn(problem: str) -> str:
+def user_turn(problem: str, instruction: str = INSTRUCTION) -> str:
     """The user message for `problem`, by the stages' own renderer (distill.teacher.prompts)."""
     from distill.teacher.prompts import user_message
 
-    return user_message(problem, INSTRUCTION)
+    return user_message(problem, instruction)
 
 
-def prompt_messages(problem: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": user_turn(problem)}]
+def prompt_messages(problem: str, instruction: str = INSTRUCTION) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user_turn(problem, instruction)}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +365,8 @@ def base_corpus(
     return records
 
 
-def _record(problem: ToyProblem, completion: str, source: str, instruction: str = ""):
+def _record(problem: ToyProblem, completion: str, source: str, instruction: str = INSTRUCTION):
     from distill.records import TraceRecord
-    from distill.teacher.prompts import user_message
 
     return TraceRecord(
         problem_id=problem.id,
@@ -376,5 +375,5 @@ def _record(problem: ToyProblem, completion: str, source: str, instruction: str 
         answer=problem.answer,
         completion=completion,
         source=source,
-        prompt=[{"role": "user", "content": user_message(problem.problem, instruction or INSTRUCTION)}],
+        prompt=prompt_messages(problem.problem, instruction),
     )
