@@ -58,7 +58,7 @@ def generate(
     flags = dict(model=model, data=data, out=out, engine=engine, n=n, max_tokens=max_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, shard=shard, on_bad_row=on_bad_row)
     loaded = load_config(GenerateConfig, recipe=recipe, flags=flags, overrides=overrides or [])
-    metrics = run(loaded.config, loaded.sources)
+    metrics = _run(run, loaded)
     typer.echo(f"{metrics['samples']} samples in {Path(loaded.config.out) / metrics['trace_file']} "
                f"({metrics['problems_complete']}/{metrics['problems']} problems complete)")
 
@@ -82,7 +82,7 @@ def filter_(
 
     flags = {"traces": traces, "out": out, "student": student, "on_bad_row": on_bad_row}
     loaded = load_config(FilterConfig, recipe=recipe, flags=flags, overrides=overrides or [])
-    metrics = run(loaded.config, loaded.sources)
+    metrics = _run(run, loaded)
     typer.echo(f"accepted {metrics['accepted']}/{metrics['rows']} traces -> {loaded.config.out / 'accepted.parquet'}")
 
 
@@ -102,7 +102,7 @@ def train(
     from distill.students.sft import load_train_config, run
 
     loaded = load_train_config(recipe=recipe, flags={"student": student, "data": data, "out": out}, overrides=overrides or [])
-    metrics = run(loaded.config, loaded.sources)
+    metrics = _run(run, loaded)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(metrics["model_dir"])
 
@@ -125,7 +125,7 @@ def grpo(
 
     flags = {"student": student, "data": data, "out": out, "variant": variant}
     loaded = load_grpo_config(recipe=recipe, flags=flags, overrides=overrides or [])
-    metrics = run(loaded.config, loaded.sources)
+    metrics = _run(run, loaded)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(metrics["model_dir"])
 
@@ -156,7 +156,7 @@ def eval_(
     flags = dict(model=model, benchmarks=names, out=out, engine=engine, k=k, max_tokens=max_tokens, limit=limit,
                  data_dir=data_dir, rescore=rescore)
     loaded = load_config(EvalConfig, recipe=recipe, flags=flags, overrides=overrides or [])
-    run(loaded.config, loaded.sources)
+    _run(run, loaded)
 
 
 @app.command(context_settings=_PASS_THROUGH)
@@ -181,7 +181,8 @@ def compare(
     paths = tuple(Path(item) for item in items if item not in overrides) or None
     flags = dict(runs=paths, out=out, baseline=baseline, allow_protocol_mismatch=allow_protocol_mismatch or None)
     loaded = load_config(CompareConfig, recipe=recipe, flags=flags, overrides=overrides)
-    run(loaded.config, loaded.sources)
+    summary = _run(run, loaded)
+    typer.echo(summary["summary_table"])
 
 
 @app.command()
@@ -208,6 +209,14 @@ def doctor() -> None:
     from distill.doctor import report
 
     typer.echo(report())
+
+
+def _run(run, loaded):
+    """The stage's run(config, sources); a run refused before it started leaves no run directory."""
+    from distill.rundir import removed_if_refused
+
+    with removed_if_refused(getattr(loaded.config, "out", None)):
+        return run(loaded.config, loaded.sources)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -141,6 +141,13 @@ def describe_sources(config: Any, sources: Mapping[str, str]) -> str:
     return "\n".join(f"  {k:<{width}} = {v!r}  ({sources.get(k, 'default')})" for k, v in flat.items())
 
 
+def non_default(config: Any) -> dict[str, Any]:
+    """The dotted keys whose value differs from the config class's default (required fields,
+    which have none, included), in field order: what a run prints about its settings."""
+    defaults = _field_defaults(type(config))
+    return {key: value for key, value in _flatten(config).items() if key not in defaults or defaults[key] != value}
+
+
 def replace(config: T, **changes: Any) -> T:
     return dataclasses.replace(config, **changes)
 
@@ -179,6 +186,27 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + f.name] = str(value) if isinstance(value, Path) else value
     return flat
+
+
+def _field_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default value, as _flatten shows it (Paths as strings); no entry for a
+    required field."""
+    defaults: dict[str, Any] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            if dataclasses.is_dataclass(hints[f.name]):
+                defaults.update(_field_defaults(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        if dataclasses.is_dataclass(value):
+            defaults.update({f"{prefix}{f.name}.{k}": v for k, v in _flatten(value).items()})
+        else:
+            defaults[prefix + f.name] = str(value) if isinstance(value, Path) else value
+    return defaults
 
 
 def _hints(cls: type) -> dict[str, Any]:

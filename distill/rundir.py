@@ -14,19 +14,22 @@ not changed: mixing two teachers or two sampling settings in one directory is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from distill.config import save_config, to_dict
-from distill.errors import ConfigError
+from distill.config import non_default, save_config, to_dict
+from distill.errors import ConfigError, DistillError
 
 CONFIG_FILE = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
@@ -47,6 +50,7 @@ class RunDir:
         self.path = Path(path)
         self.stage = stage
         self.config = config
+        self.sources = dict(sources or {})
         self.path.mkdir(parents=True, exist_ok=True)
         config_path = self.path / CONFIG_FILE
         self.resumed = config_path.exists()
@@ -60,6 +64,21 @@ class RunDir:
         """Tell the user (stderr, so stdout stays clean for results) and keep it in the log."""
         print(message, file=sys.stderr, flush=True)
         self.log.info(message)
+
+    def announce(self, headline: str, shown: Sequence[str] = ()) -> None:
+        """A run's first lines, the same for every stage: `headline` (what runs, on what, where
+        to), then the settings not at their default grouped by where they came from (keys in
+        `shown` are in the headline already); the whole resolved config is in config.yaml."""
+        self.say(headline)
+        for line in settings_lines(self.config, self.sources, shown):
+            self.say(line)
+        self.say(f"  every setting, defaults included: {self.path / CONFIG_FILE}")
+
+    def mark_resume(self, step: int) -> None:
+        """Note in metrics.jsonl that the run resumed from its checkpoint at `step`. The lines
+        logged after that checkpoint stay (what happened is not erased); the steps redone after
+        the mark are logged again and readers count each step by its last record (step_rows)."""
+        self.log_metrics({"event": "resume", "step": step})
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -83,6 +102,86 @@ class RunDir:
         """Write the final metrics.json atomically, with the stage name and wall time added."""
         data = {"stage": self.stage, "wall_time_s": round(time.time() - self.started, 3), **_jsonable(metrics)}
         return write_json(self.path / METRICS_FILE, data)
+
+
+def settings_lines(config: Any, sources: Mapping[str, str] | None, shown: Sequence[str] = (), width: int = 110) -> list[str]:
+    """'  <origin>: key=value key=value ...' lines for the settings not at their default, one
+    group per origin (preset, recipe, command line); without sources, one group."""
+    groups: dict[str, list[str]] = {}
+    for key, value in non_default(config).items():
+        if key in shown:
+            continue
+        origin = (sources or {}).get(key) or "set"
+        groups.setdefault("set" if origin == "default" else origin, []).append(f"{key}={_show(value)}")
+    if not groups:
+        return ["  settings: all at their defaults"]
+    lines = []
+    for origin, items in groups.items():
+        label = "settings" if origin == "set" else origin
+        lines += textwrap.wrap(" ".join(items), width, initial_indent=f"  {label}: ", subsequent_indent="      ", break_long_words=False)
+    return lines
+
+
+def _show(value: Any) -> str:
+    """A setting as one would type it after key= (long texts shortened)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_show(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if text == "" or any(c.isspace() for c in text):
+        text = json.dumps(text, ensure_ascii=False)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+@contextlib.contextmanager
+def removed_if_refused(path: str | Path | None) -> Iterator[None]:
+    """A run refused before it produced anything (a DistillError: bad input, unreachable model,
+    not enough memory) leaves no directory behind: the directories this call made are removed
+    when they hold nothing but config.yaml (and eval's protocol.json), logs, empty files and
+    folders. A directory that existed before (a run being resumed) is never touched."""
+    if path is None:
+        yield
+        return
+    path = Path(path)
+    made = path
+    while not made.parent.exists() and made.parent != made:
+        made = made.parent  # the topmost directory that does not exist yet
+    fresh = not path.exists()
+    try:
+        yield
+    except DistillError:
+        if fresh and made.is_dir() and _holds_no_output(made):
+            _close_logs(made)
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+# Files that say what a run will do, not what it did (eval's protocol.json is written up front).
+_DESCRIPTIONS = (CONFIG_FILE, "protocol.json")
+
+
+def _holds_no_output(directory: Path) -> bool:
+    """Nothing in `directory` but descriptions, logs, empty files and folders."""
+    for item in directory.rglob("*"):
+        if item.is_file() and item.stat().st_size and item.name.removesuffix(".tmp") not in _DESCRIPTIONS and item.suffix != ".log":
+            return False
+    return True
+
+
+def _close_logs(directory: Path) -> None:
+    """Close the run logs kept open under `directory`: a later run in this process that makes
+    the same directory again must open a fresh file, not write into a deleted one."""
+    root = str(directory.resolve())
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for handler in list(getattr(logger, "handlers", ())):
+            if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(root + os.sep):
+                handler.close()
+                logger.removeHandler(handler)
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -68,8 +68,10 @@ Choices, and how this differs from the papers:
 - Resume: the step, the data position, the weights (adapter only under LoRA), optimizer,
   scheduler and RNG are in each checkpoint; every sample's seed derives from (seed, position in
   the data stream, sample index) and the engines sample each request from its own seed, so a
-  run killed and resumed follows the same trajectory as one that was not. metrics.jsonl keeps
-  each step once (lines logged after the last checkpoint are dropped and redone).
+  run killed and resumed follows the same trajectory as one that was not. metrics.jsonl is
+  append-only, as in distill train: a resume is marked by an `{"event": "resume", "step": N}`
+  line, the steps after the checkpoint are logged again, and readers count each step by its
+  last record (distill.rundir.step_rows).
 - Not done: no value model, no reference refresh, no length-normalised rewards beyond DAPO's
   penalty, no async rollouts (rollout and update alternate), no sequence parallelism.
 """
@@ -84,7 +86,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-from distill.config import Loaded, describe_sources, load_config
+from distill.config import Loaded, load_config
 from distill.problems import Fields
 from distill.rewards import RewardConfig
 from distill.teacher.prompts import R1_INSTRUCTION
@@ -274,7 +276,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     from distill.students.checkpoint import Checkpointer, export_model
     from distill.students.parallel import shard
     from distill.students.rl import PolicyScorer
-    from distill.students.sft import export_dtype, build_optimizer, generation_config, load_student, lr_factor, resolve_student
+    from distill.students.sft import export_dtype, build_optimizer, generation_config, load_student, lr_factor, processes, resolve_student, student_model_id, student_name
     from distill.teacher.prompts import full_completion, render_prompt
     from distill.verify import Verifier
 
@@ -286,6 +288,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     if cfg.prompts_per_step % dist.world:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {dist.world} processes (each rolls out its share)")
     local_prompts = cfg.prompts_per_step // dist.world
+    student_model_id(cfg.student)  # a misspelt student is refused before anything is made or loaded
     run_dir = RunDir(cfg.out, "grpo", cfg, sources, locked=LOCKED) if dist.is_main else None
 
     def say(message: str) -> None:
@@ -293,10 +296,9 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
             run_dir.say(message)
 
     dist.barrier()
-    say(f"distill grpo: {cfg.student} on {cfg.data} -> {cfg.out} ({dist.world} process{'es' if dist.world > 1 else ''} on {dist.device.type})")
+    if run_dir is not None:
+        run_dir.announce(f"distill grpo: {student_name(cfg.student)} on {cfg.data} -> {cfg.out}, {processes(dist)}", shown=("student", "data", "out"))
     say(f"algorithm: {algorithm}, beta={cfg.beta}")
-    if sources:
-        say("settings (and where each came from):\n" + describe_sources(cfg, sources))
 
     # ---- problems: a seeded permutation per epoch; a position in that stream names a prompt --
     loaded = load_problems(
@@ -353,8 +355,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         from distill.rundir import read_metrics
 
         return read_metrics(cfg.out)
-    if run_dir is not None:
-        _drop_metrics_after(run_dir, start_step)  # steps logged after the checkpoint are redone
+    if run_dir is not None and start_step:
+        run_dir.mark_resume(start_step)  # the steps logged after the checkpoint are redone, and logged again
 
     # ---- rollout engine and verifier ------------------------------------------------------------
     if cfg.engine == "hf":  # samples from the policy module itself: always the current weights
@@ -480,7 +482,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     }
     if run_dir is not None:
         run_dir.write_metrics(final)
-        say(f"done: model in {model_dir}")
+        say(f"done: {cfg.steps} steps, mean reward {_short(final['reward_mean_first'])} -> {_short(final['reward_mean_last10'])} "
+            f"(last 10 steps), accuracy {_short(final['accuracy_last10'])}; model in {model_dir}")
     return final
 
 
@@ -805,22 +808,6 @@ def _rollout_metrics(rolled: list[Group], batch: list[Group], dist) -> dict[str,
         "unverifiable": int(t["unverifiable"]),
         "timeouts": int(t["timeouts"]),
     }
-
-
-def _drop_metrics_after(run_dir, step: int) -> None:
-    """A resumed run redoes the steps after its checkpoint: forget their lines, so metrics.jsonl
-    holds each step once."""
-    import json
-
-    path = run_dir.file("metrics.jsonl")
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(path)
 
 
 def _mean(values) -> float | None:

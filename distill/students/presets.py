@@ -77,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "llama-8b": {
         "model": "meta-llama/Llama-3.1-8B",
+        "gated": True,  # Meta's licence must be accepted on the hub; a token is needed to download
         "distilled": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
         "params_b": 8.03,
         "source": "open-r1 OpenR1-Distill-7B (no open recipe for this base)",
@@ -85,6 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "llama-70b": {
         "model": "meta-llama/Llama-3.3-70B-Instruct",
+        "gated": True,
         "distilled": "deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
         "params_b": 70.6,
         "source": "OpenThinker-32B (OpenThoughts) schedule, global batch 128",

@@ -37,6 +37,7 @@ evaluation during training (`distill eval` does that on the exported model).
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import signal
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-from distill.config import Loaded, describe_sources, load_config
+from distill.config import Loaded, load_config
 from distill.errors import ConfigError, InputError, MissingDependency
 from distill.students.presets import PRESETS, check_memory, estimate_memory_gb, is_preset, preset_values
 
@@ -171,6 +172,11 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from distill.students.logprobs import Scorer
     from distill.students.parallel import peak_memory_gb, shard
 
+    # ---- cheap checks first: the data is there and its first row is a conversation, before any
+    # model is looked for (a missing file is reported as such, not as an unreachable hub) ------
+    next(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, []), None)
+    student_model_id(cfg.student)
+
     # ---- run directory (rank 0 writes; every rank reads the same inputs) --------------------
     run_dir, problem = None, None
     if dist.is_main:
@@ -186,9 +192,8 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         if run_dir is not None:
             run_dir.say(message)
 
-    say(f"distill train: {cfg.student} on {cfg.data} -> {cfg.out} ({dist.world} process{'es' if dist.world > 1 else ''} on {dist.device.type})")
-    if sources:
-        say("settings (and where each came from):\n" + describe_sources(cfg, sources))
+    if run_dir is not None:
+        run_dir.announce(f"distill train: {student_name(cfg.student)} on {cfg.data} -> {cfg.out}, {processes(dist)}", shown=("student", "data", "out"))
 
     # ---- student, tokenizer and chat template ------------------------------------------------
     model_id, hf_config = resolve_student(cfg.student)
@@ -257,7 +262,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         start_step, last_loss = int(state["step"]), state.get("loss")
         say(f"resuming from {latest.name}: step {start_step} of {total_steps}")
         if run_dir is not None:
-            run_dir.log_metrics({"event": "resume", "step": start_step})
+            run_dir.mark_resume(start_step)
     wandb = _wandb(cfg, dist) if cfg.wandb_project else None
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -373,7 +378,9 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     }
     if run_dir is not None:
         run_dir.write_metrics(metrics)
-        say(f"done: model in {model_dir}")
+        losses = f"loss {_loss(metrics['first_loss'])} -> {_loss(last_loss)}" if history else f"loss {_loss(last_loss)}"
+        say(f"done: {total_steps} steps, {losses}, {metrics['train_tokens'] or 0:,.0f} tokens trained, "
+            f"{time.time() - run_dir.started:.0f}s; model in {model_dir}")
     if wandb is not None:
         wandb.finish()
     return metrics
@@ -383,20 +390,53 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
 # the pieces the loop calls
 
 
-def resolve_student(student: str):
-    """(model id or path, its transformers config); one clear error when the student is none of
-    a preset, a local model directory, or a hub model that can be reached."""
-    from transformers import AutoConfig
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
+
+def student_name(student: str) -> str:
+    """'qwen-7b (Qwen/Qwen2.5-Math-7B)' for a preset, else the model as given."""
+    return f"{student} ({PRESETS[student]['model']})" if is_preset(student) else student
+
+
+def processes(dist) -> str:
+    """'1 process on cpu', '8 processes on cuda (NVIDIA H100 80GB HBM3)'."""
+    where = dist.device.type
+    if where == "cuda":
+        import torch
+
+        where += f" ({torch.cuda.get_device_name(dist.device)})"
+    return f"{dist.world} process{'es' if dist.world > 1 else ''} on {where}"
+
+
+def student_model_id(student: str) -> str:
+    """The model a student names (a preset's base, a directory, a hub id), checked without asking
+    the hub: a path must be a model directory, anything else a preset or spelled org/name."""
     model_id = PRESETS[student]["model"] if is_preset(student) else student
     path = Path(model_id)
     if path.exists() and not (path / "config.json").is_file():
         raise InputError(f"{student}: a path without config.json, so not a model directory; pass a model directory, a hub id, or a preset ({', '.join(PRESETS)})")
+    if not path.exists() and not is_preset(student) and model_id.count("/") != 1:
+        close = difflib.get_close_matches(student, list(PRESETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(f"student '{student}' is not a preset ({', '.join(PRESETS)}){hint}, an existing model directory, or a hub id (org/name)")
+    return model_id
+
+
+def resolve_student(student: str):
+    """(model id or path, its transformers config); one clear error naming the true cause when
+    the student is none of a preset, a local model directory, or a hub model that can be had
+    (not cached and the hub unreachable, gated, no such repository: distill.hub)."""
+    from transformers import AutoConfig
+
+    from distill.hub import model_error
+
+    model_id = student_model_id(student)
     try:
         return model_id, AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0][:160]
-        raise InputError(f"student '{student}' is not a preset ({', '.join(PRESETS)}), a local model directory, or a reachable hub model ({reason})") from None
+        what = f"student '{student}' (preset: {model_id})" if is_preset(student) else f"student '{student}'"
+        raise model_error(model_id, error, what, gated=is_preset(student) and PRESETS[student].get("gated", False)) from None
 
 
 def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
