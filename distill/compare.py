@@ -57,6 +57,7 @@ COST_KEYS = {
     "teacher_tokens": ("completion_tokens", "generated_tokens", "teacher_tokens", "tokens_generated"),
 }
 TRAINING_STAGES = ("train", "grpo")
+MADE_BY = ("generate", "filter", *TRAINING_STAGES)  # the stages whose cost is part of a model's
 PROTOCOL_KEYS = ("k", "temperature", "top_p", "max_tokens", "prompt", "problem_set")
 
 
@@ -146,13 +147,16 @@ def run(cfg: CompareConfig, sources: Mapping[str, str] | None = None) -> dict[st
 
     # ---- write the report ------------------------------------------------------------------------------
     out = RunDir(cfg.out, "compare", cfg, sources)
+    out.announce(f"distill compare: {len(rows)} eval runs ({', '.join(r.label for r in rows)}) on {', '.join(benchmarks)}, "
+                 f"baseline {baseline.label} -> {out.path}", shown=("runs", "out", "baseline"))
     _write_markdown(out.file("report.md"), table, rows, benchmarks, baseline, mismatches, unlinked)
     _write_csv(out.file("report.csv"), table, benchmarks)
     plots = write_plots(out.path, table, rows, benchmarks)
     summary = {"baseline": baseline.label, "benchmarks": benchmarks, "rows": table, "mismatches": mismatches,
-               "unlinked_runs": [str(p) for p in unlinked], "plots": plots}
+               "unlinked_runs": [str(p) for p in unlinked], "plots": plots,
+               "summary_table": "\n".join(summary_table(table, benchmarks, baseline))}
     out.write_metrics(summary)
-    out.say(f"compared {len(rows)} runs on {', '.join(benchmarks)} -> {out.file('report.md')}")
+    out.say(f"done: report {out.file('report.md')} (summary first, then per benchmark, cost, protocol), report.csv, {', '.join(plots)}")
     return summary
 
 
@@ -232,7 +236,7 @@ def lineage(eval_path: Path) -> dict[str, list[Path]]:
                     break
                 seen.add(origin.resolve())
                 stage = _stage_of(origin)
-                if stage and stage not in ("eval", "compare"):
+                if stage in MADE_BY:  # not eval, compare, or the demo's directory that holds them all
                     found.setdefault(stage, []).append(origin)
                     frontier.append(origin)
                 break
@@ -362,14 +366,24 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 def _hours_text(cost: Mapping[str, float | None]) -> str:
+    """GPU-hours, CPU-hours or wall time it took to make the model; under an hour in minutes."""
     parts = []
-    if cost.get("gpu_hours"):
-        parts.append(f"{_number(cost['gpu_hours'])} GPU-h")
-    if cost.get("cpu_hours"):
-        parts.append(f"{_number(cost['cpu_hours'], 3)} CPU-h")
-    if cost.get("wall_hours"):
-        parts.append(f"{_number(cost['wall_hours'], 3)} h (wall)")
+    for key, unit in (("gpu_hours", "GPU"), ("cpu_hours", "CPU"), ("wall_hours", "wall")):
+        hours = cost.get(key)
+        if not hours:
+            continue
+        if unit == "GPU" and hours >= 1:
+            parts.append(f"{_number(hours)} GPU-h")
+        elif hours >= 1:
+            parts.append(f"{_number(hours)} h {unit}" if unit == "wall" else f"{_number(hours)} {unit}-h")
+        else:
+            parts.append(f"{60 * hours:.1f} min {unit}" if unit == "wall" else f"{60 * hours:.1f} {unit}-min")
     return ", ".join(parts) or "—"
+
+
+def _cost_label(label: str, cost: Mapping[str, float | None]) -> str:
+    spent = _hours_text(cost)
+    return f"{label} ({spent})" if spent != "—" else f"{label} (no training recorded)"
 
 
 def _significance(test: Mapping[str, Any] | None) -> str:
@@ -379,41 +393,91 @@ def _significance(test: Mapping[str, Any] | None) -> str:
     return f"{100 * test['difference']:+.1f} (p={test['p_value']:.3g}){stars}"
 
 
+def _arrow(test: Mapping[str, Any] | None) -> str:
+    """▲ / ▼: a difference to the baseline significant at p < 0.05; nothing otherwise."""
+    if not test or test.get("difference") is None or test.get("p_value") is None or test["p_value"] >= 0.05:
+        return ""
+    return " ▲" if test["difference"] > 0 else " ▼"
+
+
+def _pass_at_1(cell: Mapping[str, Any]) -> str:
+    low, high = cell.get("pass@1_ci95") or (None, None)
+    return f"{_percent(cell['pass@1'])} [{_percent(low)}, {_percent(high)}]{' †' if cell['mismatch'] else ''}"
+
+
+def summary_table(table, benchmarks, baseline: Row) -> list[str]:
+    """The report's first table, also printed by `distill compare` and `distill demo`: one row per
+    model, pass@1 per benchmark with its 95% CI, one cost column."""
+    header = ["model", *benchmarks, "cost to make"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for entry in table:
+        cells = [f"**{entry['label']}**" if entry["label"] == baseline.label else entry["label"]]
+        for name in benchmarks:
+            cell = entry["benchmarks"].get(name)
+            cells.append("—" if cell is None else _pass_at_1(cell) + _arrow(cell.get("vs_baseline")))
+        cells.append(_hours_text(entry["cost"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Row, mismatches, unlinked) -> None:
-    header = ["model"]
-    for name in benchmarks:
-        header += [f"{name} pass@1 [95% CI]", f"{name} cons@k", f"{name} Δ vs {baseline.label}"]
-    header += ["training compute", "train tokens", "teacher tokens", "mean response tokens"]
+    """Summary first (one row per model), then per-benchmark details, cost, protocol and runs."""
     lines = [
         "# distill compare",
         "",
-        f"Baseline: **{baseline.label}** ({baseline.model}). pass@1 and cons@k in percent; Δ is the difference",
-        "of pass@1 to the baseline in points with the p-value of a paired sign-flip permutation test over",
-        "problems (* p<0.05, ** p<0.01). † marks a cell whose protocol differs from another run's.",
+        f"pass@1 in percent with its 95% CI, per benchmark; baseline **{baseline.label}** ({baseline.model}). "
+        "▲ / ▼: better / worse than the baseline (paired permutation test over problems, p < 0.05). "
+        "Cost: the compute spent making the model (teacher generation and training; details below)."
+        + (" † marks a result evaluated under another protocol than the other runs'." if mismatches else ""),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *summary_table(table, benchmarks, baseline),
+        "",
+        "![pass@1 per benchmark with 95% CIs](accuracy.png)",
+        "",
     ]
-    for entry in table:
-        cells = [entry["label"]]
-        for name in benchmarks:
-            cell = entry["benchmarks"].get(name)
-            if cell is None:
-                cells += ["—", "—", "—"]
-                continue
-            mark = " †" if cell["mismatch"] else ""
-            low, high = cell.get("pass@1_ci95") or (None, None)
-            cells.append(f"{_percent(cell['pass@1'])} [{_percent(low)}, {_percent(high)}]{mark}")
-            cells.append(f"{_percent(cell['cons@k'])} (k={cell['k']}){mark}")
-            cells.append(_significance(cell.get("vs_baseline")) if entry["label"] != baseline.label else "baseline")
-        cost = entry["cost"]
-        cells += [_hours_text(cost), _number(cost.get("train_tokens")), _number(cost.get("teacher_tokens")),
-                  _number(entry["response_tokens_mean"], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy](accuracy.png)", "![response lengths](lengths.png)", "![accuracy vs compute](compute.png)", ""]
     if mismatches:
         lines += ["## Protocol differences (compared anyway: --allow-protocol-mismatch)", ""]
         lines += [f"- {m['text']}" for m in mismatches] + [""]
+
+    # ---- per benchmark: everything measured, one small table each ------------------------------------
+    lines += ["## Per benchmark", "",
+              f"Δ: pass@1 minus the baseline's, in points, with the p-value of a paired sign-flip permutation test over problems "
+              "(* p<0.05, ** p<0.01). cons@k: majority vote over the k samples; pass@k: any of the k correct.", ""]
+    for name in benchmarks:
+        spec = next((r.protocol["benchmarks"][name] for r in rows if name in r.protocol.get("benchmarks", {})), None)
+        about = f" ({spec['problems']} problems, k={spec['k']})" if spec else ""
+        lines += [f"### {name}{about}", "",
+                  f"| model | pass@1 [95% CI] | Δ vs {baseline.label} | cons@k | pass@k | mean response tokens | truncated | format failures |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for entry in table:
+            cell = entry["benchmarks"].get(name)
+            if cell is None:
+                continue
+            delta = "baseline" if entry["label"] == baseline.label else _significance(cell.get("vs_baseline"))
+            lines.append(
+                f"| {entry['label']} | {_pass_at_1(cell)} | {delta} | {_percent(cell['cons@k'])} | {_percent(cell.get('pass@k'))} "
+                f"| {_number(cell.get('response_tokens_mean'), 0)} | {_percent(cell.get('truncation_rate'))}% "
+                f"| {_percent(cell.get('format_failure_rate'))}% |"
+            )
+        lines.append("")
+
+    # ---- cost -------------------------------------------------------------------------------------
+    lines += ["## Cost", "",
+              "What it took to make each model, from the run directories it came from (found by following their config files): "
+              "hours (GPU, CPU, or wall time when neither was recorded), tokens trained on, and teacher tokens generated.", "",
+              "| model | compute | train tokens | teacher tokens | mean response tokens | made from |", "|---|---:|---:|---:|---:|---|"]
+    for entry, row in zip(table, rows):
+        cost = entry["cost"]
+        made_from = "; ".join(f"{stage}: {', '.join(str(p) for p in paths)}" for stage, paths in row.lineage.items()) or "—"
+        lines.append(f"| {entry['label']} | {_hours_text(cost)} | {_number(cost.get('train_tokens'))} | {_number(cost.get('teacher_tokens'))} "
+                     f"| {_number(entry['response_tokens_mean'], 0)} | {made_from} |")
+    if unlinked:
+        lines += ["", "Run directories given but not linked to any evaluated model (their cost is not counted): "
+                  + ", ".join(str(p) for p in unlinked)]
+    lines += ["", "![pass@1 against the compute spent making each model](compute.png)", "",
+              "![response lengths per benchmark and model](lengths.png)", ""]
+
+    # ---- protocol and runs ----------------------------------------------------------------------------
     lines += ["## Protocol", ""]
     first = rows[0].protocol
     lines += [f"- temperature {first.get('temperature')}, top-p {first.get('top_p')}, max tokens {first.get('max_tokens')}, "
@@ -422,17 +486,13 @@ def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Ro
         spec = next((r.protocol["benchmarks"][name] for r in rows if name in r.protocol.get("benchmarks", {})), None)
         if spec:
             lines.append(f"- {name}: {spec['problems']} problems, k={spec['k']}" + (f", limit {spec['limit']}" if spec.get("limit") else ""))
-    lines += ["", "## Runs", "", "| model | run | evaluated model | engine | dtype | TP | GPU | eval wall time | made from |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| model | run | evaluated model | engine | dtype | TP | GPU | eval wall time |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         env = row.metrics.get("environment", {})
-        made_from = "; ".join(f"{stage}: {', '.join(str(p) for p in paths)}" for stage, paths in row.lineage.items()) or "—"
         engine = f"{env.get('engine', '?')} {env.get('engine_version', '')}".strip()
         wall = row.metrics.get("generation_wall_time_s")
         lines.append(f"| {row.label} | {row.path} | {row.model} | {engine} | {env.get('dtype', '?')} | {env.get('tensor_parallel_size', '?')} "
-                     f"| {env.get('gpu') or 'cpu'} | {_number(wall, 1) + ' s' if wall is not None else '—'} | {made_from} |")
-    if unlinked:
-        lines += ["", "Run directories given but not linked to any evaluated model (their cost is not counted): "
-                  + ", ".join(str(p) for p in unlinked)]
+                     f"| {env.get('gpu') or 'cpu'} | {_number(wall, 1) + ' s' if wall is not None else '—'} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -467,18 +527,38 @@ def _write_csv(path: Path, table, benchmarks) -> None:
 
 
 def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> list[str]:
-    """accuracy.png, lengths.png, compute.png; returns their file names."""
+    """accuracy.png, lengths.png, compute.png; returns their file names.
+
+    No text is placed inside a plot's data area: models are told apart by colour and marker and
+    named in a legend below the axes (constrained layout keeps it clear of the axis labels), so
+    labels cannot collide however close the points are."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     labels = [entry["label"] for entry in table]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    style = {label: (colors[i % len(colors)], markers[i % len(markers)]) for i, label in enumerate(labels)}
+    panel_rows = math.ceil(len(benchmarks) / 5)  # the per-benchmark figures: at most 5 panels a row
+    columns = math.ceil(len(benchmarks) / panel_rows)
+    legend_height = 0.3 * math.ceil(len(labels) / 4)
+
+    def legend_below(figure, handles, names) -> None:
+        # as many columns as fit the figure's width (about 0.07 in per character at this size)
+        fit = int(figure.get_figwidth() / (0.07 * max(len(n) for n in names) + 0.6))
+        figure.legend(handles, names, loc="outside lower center", ncol=max(1, min(len(names), 4, fit)), frameon=False, fontsize="small")
+
+    def save(figure, name: str) -> None:
+        figure.savefig(out / name, dpi=120, bbox_inches="tight")  # "tight": nothing drawn is cut off
+        plt.close(figure)
 
     # accuracy with 95% CI error bars: one group per benchmark, one bar per model
-    figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(benchmarks) * max(1, len(labels)) / 2), 4))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(benchmarks) * max(2, len(labels)) + 1.5), 4.2 + legend_height), layout="constrained")
     width = 0.8 / max(1, len(labels))
+    bars = []
     for i, entry in enumerate(table):
         xs, ys, errors = [], [], [[], []]
         for j, name in enumerate(benchmarks):
@@ -490,50 +570,71 @@ def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> lis
             ys.append(100 * cell["pass@1"])
             errors[0].append(100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"])))
             errors[1].append(100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"]))
-        axis.bar(xs, ys, width, yerr=errors, capsize=3, label=entry["label"], color=colors[i % len(colors)])
+        bars.append(axis.bar(xs, ys, width, yerr=errors, capsize=3, color=style[entry["label"]][0], error_kw={"elinewidth": 1}))
     axis.set_xticks(range(len(benchmarks)), benchmarks)
+    axis.set_ylim(0, 105)
     axis.set_ylabel("pass@1 (%), 95% CI")
     axis.set_title("Accuracy per benchmark")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=120)
-    plt.close(figure)
+    axis.grid(axis="y", alpha=0.3)
+    legend_below(figure, bars, labels)
+    save(figure, "accuracy.png")
 
     # response-length distributions: one panel per benchmark, one box per model
-    figure, axes = plt.subplots(1, len(benchmarks), figsize=(max(4, 3.5 * len(benchmarks)), 3.8), squeeze=False)
-    for axis, name in zip(axes[0], benchmarks):
-        data = [_lengths(row, name) for row in rows]
-        present = [(label, d) for label, d in zip(labels, data) if d]
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(max(6.0, 3.2 * columns), 3.2 * panel_rows + legend_height),
+                                squeeze=False, layout="constrained")
+    for axis, name in zip(axes.flat, benchmarks):
+        present = [(label, d) for label, d in ((label, _lengths(row, name)) for label, row in zip(labels, rows)) if d]
         if present:
-            axis.boxplot([d for _, d in present], showfliers=True)
-            axis.set_xticks(range(1, len(present) + 1), [label for label, _ in present], rotation=30, ha="right", fontsize="small")
+            boxes = axis.boxplot([d for _, d in present], patch_artist=True, widths=0.6,
+                                 medianprops={"color": "black"}, flierprops={"markersize": 3})
+            for box, (label, _) in zip(boxes["boxes"], present):
+                box.set_facecolor(style[label][0])
+                box.set_alpha(0.7)
+            axis.set_xticks([])  # the colours say which model: see the legend
         axis.set_title(name)
+        axis.grid(axis="y", alpha=0.3)
+    for axis in list(axes.flat)[len(benchmarks):]:
+        axis.set_visible(False)
+    for axis in axes[:, 0]:
         axis.set_ylabel("response tokens")
-    figure.tight_layout()
-    figure.savefig(out / "lengths.png", dpi=120)
-    plt.close(figure)
+    figure.suptitle("Response length\n(box: quartiles, line: median)", fontsize="medium")
+    legend_below(figure, [Patch(color=style[label][0], alpha=0.7) for label in labels], labels)
+    save(figure, "lengths.png")
 
-    # accuracy against the compute spent making each model (base models: 0)
-    figure, axis = plt.subplots(figsize=(6, 4))
+    # accuracy against the compute spent making each model (base models: 0): one panel per
+    # benchmark, one marker per model, the models named in the legend with their compute
     hours = [compute_hours(entry["cost"]) for entry in table]
-    for j, name in enumerate(benchmarks):
-        points = [(h, 100 * e["benchmarks"][name]["pass@1"], e["label"]) for h, e in zip(hours, table)
-                  if name in e["benchmarks"] and e["benchmarks"][name].get("pass@1") is not None]
-        if not points:
-            continue
-        points.sort()
-        # markers only: different models are not points of one curve
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="none", color=colors[j % len(colors)], label=name)
-        for x, y, label in points:
-            axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    minutes = max(hours, default=0) < 1  # a toy run: minutes read better than 0.03 h
+    xs = [60 * h if minutes else h for h in hours]
     devices = sorted({d for e in table for d, key in (("GPU", "gpu_hours"), ("CPU", "cpu_hours"), ("wall", "wall_hours")) if e["cost"].get(key)})
-    axis.set_xlabel(f"training compute (hours: {', '.join(devices) or 'none recorded'}; teacher generation included)")
-    axis.set_ylabel("pass@1 (%)")
-    if any(h > 0 for h in hours) and max(hours) / max(min([h for h in hours if h > 0] or [1]), 1e-9) > 100:
-        axis.set_xscale("symlog", linthresh=min(h for h in hours if h > 0))
-    axis.set_title("Accuracy against training compute")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "compute.png", dpi=120)
-    plt.close(figure)
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(max(6.0, 3.2 * columns), 3.2 * panel_rows + legend_height + 0.3),
+                                squeeze=False, sharey=True, layout="constrained")
+    handles = {}
+    for axis, name in zip(axes.flat, benchmarks):
+        for x, entry in zip(xs, table):
+            cell = entry["benchmarks"].get(name)
+            if cell is None or cell.get("pass@1") is None:
+                continue
+            low, high = cell.get("pass@1_ci95") or (cell["pass@1"], cell["pass@1"])
+            error = [[100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"]))],
+                     [100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"])]]
+            color, marker = style[entry["label"]]
+            handles[entry["label"]] = axis.errorbar([x], [100 * cell["pass@1"]], yerr=error, fmt=marker, color=color, markersize=7,
+                                                    capsize=3, elinewidth=1)
+        positive = [x for x in xs if x > 0]
+        if positive and max(positive) / min(positive) > 100:
+            axis.set_xscale("symlog", linthresh=min(positive))
+        axis.set_title(name)
+        axis.margins(x=0.15)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(benchmarks):]:
+        axis.set_visible(False)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("pass@1 (%), 95% CI")
+    for axis in axes[-1, :]:  # per axis, not supxlabel: a figure-level label would share the legend's strip
+        axis.set_xlabel(f"{'minutes' if minutes else 'hours'} ({', '.join(devices) or 'none recorded'}) to make it")
+    figure.suptitle("Accuracy against compute\n(teacher sampling + training)", fontsize="medium")
+    shown = [label for label in labels if label in handles]
+    legend_below(figure, [handles[label] for label in shown], [_cost_label(label, table[labels.index(label)]["cost"]) for label in shown])
+    save(figure, "compute.png")
     return ["accuracy.png", "lengths.png", "compute.png"]

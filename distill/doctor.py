@@ -1,7 +1,10 @@
-"""`distill doctor`: what is installed, and which commands that leaves usable.
+"""`distill doctor`: what is installed, which commands that leaves usable, and the hub.
 
 Versions come from package metadata (no import), except torch, which is imported to ask
-about CUDA; so doctor is quick and works when a GPU library is broken.
+about CUDA; so doctor is quick and works when a GPU library is broken. The hub section says
+whether the hub is switched off (HF_HUB_OFFLINE), where a token comes from (never the token),
+and, for the gated presets (the Llama bases), whether that token may download them: one quick
+request each when the hub is reachable; offline or unreachable, doctor says it cannot tell.
 """
 
 from __future__ import annotations
@@ -51,7 +54,26 @@ def report() -> str:
             lines.append(f"  {package:<13} needed by {needed_by}  ->  {how}")
     else:
         lines.append("everything is installed")
+    lines += [""] + hub_lines()
     return "\n".join(lines)
+
+
+def hub_lines() -> list[str]:
+    """The Hugging Face hub as the student presets need it: offline mode, token, gated access."""
+    from distill import hub
+    from distill.students.presets import PRESETS
+
+    switched_off = hub.offline_variable()
+    lines = [f"hub           {'offline (' + switched_off + '=1): models load from the cache, ' + hub.cache_dir() if switched_off else 'online mode; cache ' + hub.cache_dir()}"]
+    source = hub.token_source()
+    gated = [(name, preset["model"]) for name, preset in PRESETS.items() if preset.get("gated")]
+    if source:
+        lines.append(f"HF token      set (from {source})")
+    else:
+        lines.append(f"HF token      not set: the gated presets ({', '.join(n for n, _ in gated)}) need one: `hf auth login` or HF_TOKEN")
+    for name, model in gated:
+        lines.append(f"  {name:<11} {model} (gated): {hub.gated_access(model)}")
+    return lines
 
 
 def _torch_devices() -> list[str]:

@@ -16,6 +16,7 @@ below. Nothing here imports huggingface_hub at module load (distill --help stays
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from distill.errors import InputError
@@ -121,6 +122,7 @@ def gated_access(model_id: str, timeout_s: float = 5.0) -> str:
     return "access granted"
 
 
+@functools.lru_cache(maxsize=None)
 def _reachable(endpoint: str, timeout_s: float) -> bool:
     """One quick request to the hub (no retries): the hub's own client backs off for ~25 s."""
     import httpx
