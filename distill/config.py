@@ -7,8 +7,9 @@ DeepSeek-R1 paper's, where it has one). Values are layered, later wins:
 
 Every layer is type-checked against the dataclass: an unknown key, a wrong type or a missing
 required value raises ConfigError naming the file (or "command line") and the key, with a
-suggestion. `load_config` also returns where each value came from, so a run can print it, and
-`save_config` writes the resolved config into the run directory.
+suggestion. `load_config` also returns where each value came from, so a run can print it (`non_default`
+says which values differ from the defaults), and `save_config` writes the resolved config into
+the run directory.
 
 Supported field types: str, int, float, bool, Path, Optional[X], Literal[...], list[X] /
 tuple[X, ...], dict[str, X], and nested config dataclasses (YAML mapping or dotted keys such as
@@ -132,13 +133,6 @@ def save_config(config: Any, path: str | Path, sources: Mapping[str, str] | None
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-def describe_sources(config: Any, sources: Mapping[str, str]) -> str:
-    """Lines 'key = value  (from)' for printing at the start of a run."""
-    flat = _flatten(config)
-    width = max((len(k) for k in flat), default=0)
-    return "\n".join(f"  {k:<{width}} = {v!r}  ({sources.get(k, 'default')})" for k, v in flat.items())
 
 
 def non_default(config: Any) -> dict[str, Any]:

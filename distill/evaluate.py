@@ -125,7 +125,8 @@ def run(cfg: EvalConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     _check_k_unchanged(Path(cfg.out), protocol)  # k is locked per benchmark (a default k may be spelled out)
     run_dir = RunDir(cfg.out, "eval", cfg, sources, locked=LOCKED)
     write_json(run_dir.file(PROTOCOL_FILE), protocol)
-    run_dir.say(f"eval {cfg.model} on {', '.join(f'{b.name} ({len(b.problems)} x k={protocol_k(cfg, b)})' for b in benchmarks)} -> {run_dir.path}")
+    run_dir.announce(f"distill eval: {cfg.model} on {', '.join(f'{b.name} ({len(b.problems)} x k={protocol_k(cfg, b)})' for b in benchmarks)} "
+                     f"with {cfg.engine} -> {run_dir.path}", shown=("model", "benchmarks", "out", "engine", "k"))
 
     # ---- what is left to generate (resume) ------------------------------------------------------
     writers = {b.name: TraceWriter(samples_path(run_dir.path, b.name)) for b in benchmarks}

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from distill.config import describe_sources, load_config, save_config
+from distill.config import load_config, non_default, save_config
 from distill.errors import ConfigError
 
 
@@ -55,7 +55,14 @@ def test_layers_and_sources(tmp_path):
     assert loaded.sources["out"] == "default"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.n = 3  # type: ignore[misc]
-    assert "preset qwen-7b" in describe_sources(cfg, loaded.sources)
+    # what a run prints about its settings: the values off their defaults, grouped by origin
+    assert non_default(cfg) == {"model": "qwen", "n": 8, "engine": "vllm", "limit": 10, "lora": True,
+                                "sampling.temperature": 1.0, "sampling.stop": ("</s>", "<|im_end|>")}
+    from distill.rundir import settings_lines
+
+    lines = settings_lines(cfg, loaded.sources, shown=("model",))
+    assert lines == [f"  recipe {recipe}: n=8 sampling.temperature=1.0", "  command line: engine=vllm limit=10 lora=true sampling.stop=[</s>,<|im_end|>]"]
+    assert settings_lines(Example(model="m"), {}, shown=("model",)) == ["  settings: all at their defaults"]
 
 
 def test_unknown_key_names_file_and_suggests(tmp_path):

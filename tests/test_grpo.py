@@ -126,14 +126,19 @@ def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5]
     run(config(task, tmp_path / "killed", **settings))
 
-    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6], "step 5 is redone once, not logged twice"
+    from distill.rundir import step_rows
+
+    straight, resumed = metrics(tmp_path / "straight"), step_rows(tmp_path / "killed")
+    # append-only, as distill train: the line of the first step 5 stays, a marker notes the resume
+    # from step 4, and the redone step 5 counts once (by its last record)
+    assert [(r.get("event"), r["step"]) for r in metrics(tmp_path / "killed")][4:] == [(None, 5), ("resume", 4), (None, 5), (None, 6)]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
         assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
     # the same command once more: nothing left to do, the figures stand
     again = run(config(task, tmp_path / "killed", **settings))
     assert again == json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    assert len(metrics(tmp_path / "killed")) == 6
+    assert len(metrics(tmp_path / "killed")) == 8, "a finished run rerun logs nothing more"
     weights_a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     weights_b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)

@@ -53,7 +53,6 @@ from typing import Any, Literal, Sequence
 
 from tqdm import tqdm
 
-from distill.config import describe_sources
 from distill.errors import InputError
 from distill.problems import PRESETS, load_problems
 from distill.records import OnBadRow, TraceRecord, read_traces, write_parquet
@@ -144,8 +143,7 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     """Filter `cfg.traces` into `cfg.out`; returns the final metrics. `verifier`: reuse a running
     one (its think tags must match the config's)."""
     rundir = RunDir(cfg.out, "filter", cfg, sources)
-    rundir.say(f"distill filter: {cfg.traces} -> {cfg.out}")
-    rundir.log.info("config:\n" + describe_sources(cfg, sources or {}))
+    rundir.announce(f"distill filter: {cfg.traces} -> {cfg.out}", shown=("traces", "out"))
 
     # 1. read ------------------------------------------------------------------------------
     read = read_traces(cfg.traces, cfg.on_bad_row)

@@ -199,11 +199,13 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     run_dir = RunDir(out, "generate", cfg, sources, locked=LOCKED)
     writer = TraceWriter(trace_path)
     complete = sum(1 for p in problems if p.id not in rendered)
+    run_dir.announce(
+        f"distill generate: teacher {cfg.model} on {engine_name} ({engine_version}), {len(problems)} problems x n={cfg.n} from {cfg.data}"
+        + (f" (shard {shard[0]}/{shard[1]})" if shard else "") + f" -> {out}",
+        shown=("model", "data", "out", "engine", "n", "shard"),
+    )
     run_dir.say(
-        f"distill generate: {len(problems)} problems x n={cfg.n} from {cfg.data}"
-        + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
-        + f"; {len(existing.keys)} samples already in {trace_path.name}, "
-        + (f"{len(todo)} to go; teacher {cfg.model} on {engine_name} ({engine_version})" if todo else "nothing to do")
+        f"{len(existing.keys)} samples already in {trace_path.name}, " + (f"{len(todo)} to go" if todo else "nothing to do")
         + (f"; skipped {len(loaded.skipped)} bad rows" if loaded.skipped else "")
     )
     for message in loaded.skipped[:20]:

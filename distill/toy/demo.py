@@ -103,6 +103,8 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     # The demo's own run directory: config.yaml, demo.log and the summary as metrics.json. Its
     # settings are locked: rerunning resumes every stage; other settings need another --out.
     run_dir = RunDir(out, "demo", cfg, sources, locked=[f.name for f in dataclasses.fields(cfg) if f.name != "out"])
+    run_dir.announce(f"distill demo{' --quick' if cfg.quick else ''}: the toy world on CPU, generate -> filter -> train, grpo -> eval x3 -> compare, "
+                     f"into {out}", shown=("out", "quick"))
     started = time.time()
     timings: dict[str, float] = {}
 
@@ -182,7 +184,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
 
     # ---- 6. compare ----------------------------------------------------------------------------
     step("compare", "compare", "report")
-    compare(CompareConfig(runs=tuple(out / r for r in models), baseline=out / "eval-base", out=out / "report"))
+    compared = compare(CompareConfig(runs=tuple(out / r for r in models), baseline=out / "eval-base", out=out / "report"))
     done("compare")
 
     summary = {
@@ -201,7 +203,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         "grpo": {k: reinforced.get(k) for k in ("reward_mean_first", "reward_mean_last10", "accuracy_last10", "completion_length_last10")},
     }
     summary = json.loads(run_dir.write_metrics(summary).read_text(encoding="utf-8"))
-    print((out / "report" / "report.md").read_text(encoding="utf-8"))
+    print(compared["summary_table"])  # the report's summary; report.md has the details
     print(summary_lines(summary))
     return summary
 
