@@ -314,6 +314,7 @@ def test_bad_input_gets_one_clear_message_before_training(student, data, tmp_pat
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+        assert not Path(args[args.index("--out") + 1]).exists(), "a refused run leaves no run directory"
 
     import psutil
 
@@ -324,7 +325,8 @@ def test_bad_input_gets_one_clear_message_before_training(student, data, tmp_pat
     assert cli(*train_args(student, data, tmp_path / "e")) == 2
     err = capsys.readouterr().err
     assert "not enough memory" in err and "lora=true" in err
-    assert "parameters:" not in (tmp_path / "e" / "train.log").read_text(), "refused before the model was loaded"
+    assert "parameters:" not in err, "refused before the model was loaded"
+    assert not (tmp_path / "e").exists(), "a refused run leaves no run directory"
 
 
 def test_dropped_and_truncated_sequences_are_reported(student, data, tmp_path):
