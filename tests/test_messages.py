@@ -237,3 +237,22 @@ def test_train_announces_what_runs_and_only_the_non_default_settings(run_cli, ch
     done = [line for line in lines if line.startswith("done: ")]
     assert len(done) == 1 and done[0].startswith("done: 2 steps, loss ") and f"model in {out / 'model'}" in done[0]
     assert stdout.strip() == str(out / "model")
+
+
+def test_grpo_announces_what_runs_and_its_result(run_cli, capsys, tmp_path):
+    from test_grpo import build_task
+
+    model_dir, problems = build_task(tmp_path)
+    capsys.readouterr()  # what saving the task's model printed
+    out = tmp_path / "run"
+    code, stdout, err = run_cli("grpo", "--student", str(model_dir), "--data", str(problems), "--out", str(out), "instruction=null",
+                                "group_size=4", "prompts_per_step=2", "max_tokens=2", "steps=1", "micro_batch_size=8")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == f"distill grpo: {model_dir} on {problems} -> {out}, 1 process on cpu"
+    assert lines[1] == "  command line: group_size=4 prompts_per_step=2 max_tokens=2 instruction=null steps=1 micro_batch_size=8"
+    assert lines[2] == f"  every setting, defaults included: {out / 'config.yaml'}"
+    assert "adam_beta1" not in err and "verifier_timeout_s" not in err
+    done = [line for line in lines if line.startswith("done: ")]
+    assert len(done) == 1 and done[0].startswith("done: 1 steps, mean reward ") and f"model in {out / 'model'}" in done[0]
+    assert stdout.strip() == str(out / "model")
