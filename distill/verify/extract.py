@@ -38,7 +38,7 @@ THINK = ("<think>", "</think>")
 _BOX_COMMANDS = re.compile(r"\\(?:boxed|fbox)")
 # "answer is" / "answer:" / "answer" right before a math span; only the phrase is matched, so a
 # phrase nested in the line of another ("Final Answer: The final answer is 7.78.") is found too.
-_ANSWER_PHRASE = re.compile(r"(?:answer|réponse|答案)\s*(?:is\b|[:：]|(?=\s*(?:\$|\\\(|\\\[)))\s*[:：]?[ \t]*", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"(?:answer|réponse|答案)\s*(?:is\b|[:：]|(?=\s*(?:\$|\\\(|\\\[)))[ \t]*[:：]?[ \t]*", re.IGNORECASE)
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # $$...$$ and \[...\] may span lines; $...$ and \(...\) may not (an escaped \$ is a dollar sign)
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:[^$\\\n]|\\[^\n])+?)\$|\\\(([^\n]+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
@@ -228,7 +228,7 @@ def _last_phrase(text: str) -> tuple[int, str] | None:
     for match in reversed(list(_ANSWER_PHRASE.finditer(text))):
         line_end = text.find("\n", match.end())
         rest = text[match.end() : line_end if line_end >= 0 else len(text)]
-        if not rest.strip() and match.group(0).rstrip().endswith(":"):
+        if not rest.replace("**", "").strip() and match.group(0).rstrip().endswith((":", "：")):
             rest = _next_line(text, line_end)  # "**Final Answer:**\n$5$"
         answer = _answer_after_phrase(rest)
         if answer:

@@ -105,6 +105,30 @@ class Verifier:
                         results[index] = outcome[0]
             return results
 
+    def group(self, answers: Sequence[str | None]) -> list[int | None]:
+        """Equivalence classes of final answers (no extraction), for a majority vote: answer i
+        gets the index of the first answer it equals (`1/2`, `0.5` and `\\frac{1}{2}` all get the
+        index of the first of them); None stays None. Each distinct text is compared with the
+        first member of every class found so far (quick verdicts first, then math-verify), so an
+        undecided comparison (timeout) keeps two answers apart."""
+        first_of: dict[str, int] = {}  # distinct text -> index of its first occurrence
+        leaders: list[int] = []  # index of the first member of each class
+        classes: dict[str, int] = {}
+        for index, answer in enumerate(answers):
+            if answer is None or not answer.strip():
+                continue
+            text = answer.strip()
+            if text in first_of:
+                continue
+            first_of[text] = index
+            same = self.equal([(answers[leader].strip(), text) for leader in leaders]) if leaders else []
+            match = next((leader for leader, equal in zip(leaders, same) if equal), None)
+            if match is None:
+                leaders.append(index)
+                match = index
+            classes[text] = match
+        return [None if a is None or not a.strip() else classes[a.strip()] for a in answers]
+
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:
