@@ -332,8 +332,9 @@ def test_agreement_with_recorded_verdicts_on_real_traces(verifier):
     agreement = sum(ours == theirs for ours, theirs in decided) / len(decided)
     # Where we find an answer we agree with the recorded verdicts on 97% (see docs/filter.md:
     # the disagreements are mostly the recorded evaluator's extraction errors).
-    assert len(decided) >= 250
-    assert agreement >= 0.95, f"agreement {agreement:.3f} on {len(decided)} decided traces"
+    # (issue 13: 261 of 269 on 2026-12-01; the extraction changes must not lower it)
+    assert len(decided) >= 269
+    assert agreement >= 0.97, f"agreement {agreement:.3f} on {len(decided)} decided traces"
     assert not any(v.reason == "timeout" for v in verdicts)
     # Traces that never finish their reasoning are never credited, whatever the recorded score.
     for row, verdict in zip(rows, verdicts):
