@@ -10,7 +10,13 @@ only) are taken in this process; settled here when sympy is not needed (`quick_v
 text up to LaTeX spacing, plain numbers); else looked up in the cache keyed by (reference
 answer, extracted answer); else checked by
 math-verify in a worker process under a hard wall-clock limit (`distill.verify.pool`). Pairs
-repeated within one call are checked once.
+repeated within one call are checked once; a check that overran (or whose worker died) is run
+once more after the rest of its batch before "timeout" becomes its (cached) verdict.
+
+Options: `no_answer_fallback` ("none": a completion with no box, no "answer is" and no `####` has
+no answer; "last": its last math span or number; each stage picks its default, see
+docs/filter.md), math-verify's own `precision`, `strict` and `allow_set_relation_comp`, and
+`decimal_comma` (`2,74` is 2.74 beside a number).
 
 Verdict reasons: "correct" | "wrong" | "no_answer" (nothing extractable) | "bad_reference"
 (the reference is missing or math-verify cannot read it: `correct` is None, never counted as
