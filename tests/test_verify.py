@@ -538,3 +538,20 @@ def test_group_and_cons_at_k_by_equivalence(verifier):
     samples = [Sample("p", i, a != "3", a, 10, "stop", True) for i, a in enumerate(answers)]
     assert benchmark_metrics(samples, k=5)["cons@k"] == 0.0
     assert benchmark_metrics(vote_by_equivalence(samples, verifier), k=5)["cons@k"] == 1.0
+
+
+def test_no_answer_fallback_defaults_per_stage():
+    """One verifier, one option, a default per stage (the reasons are next to each config field
+    and in docs/filter.md): filter and grpo credit only stated answers, eval grades unboxed ones."""
+    from distill.evaluate import EvalConfig
+    from distill.students.grpo import GRPOConfig
+    from distill.teacher.filter import FilterConfig
+
+    import dataclasses
+
+    def default(config) -> str:
+        return next(f.default for f in dataclasses.fields(config) if f.name == "no_answer_fallback")
+
+    assert default(FilterConfig) == "none"
+    assert default(GRPOConfig) == "none"
+    assert default(EvalConfig) == "last"
