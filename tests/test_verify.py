@@ -555,3 +555,26 @@ def test_no_answer_fallback_defaults_per_stage():
     assert default(FilterConfig) == "none"
     assert default(GRPOConfig) == "none"
     assert default(EvalConfig) == "last"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\(" * 50_000,  # openers never closed: a regex per span would rescan the rest from each
+        "\\[" * 50_000,
+        "$" + "a\n" * 50_000,
+        "the answer is \\(" * 10_000,
+        "answer: x is " * 10_000,
+        "\\boxed{1} and " * 10_000,
+        "\\boxed{" * 50_000,
+        "$ \n $ " * 20_000,
+    ],
+    ids=lambda text: repr(text[:16]),
+)
+def test_extraction_is_linear_on_degenerate_text(text):
+    """Extraction runs in the calling process, outside the hard limit: it must stay linear. Each of
+    these took 10-30 s with per-span regexes (quadratic); linear work takes well under a second."""
+    started = time.monotonic()
+    extract_answer(text, fallback="last")
+    reference_answer(text)
+    assert time.monotonic() - started < 3.0

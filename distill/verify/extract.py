@@ -51,7 +51,10 @@ _NUMBER = re.compile(
     r"|(?<![A-Za-z0-9_.,{\\])[-+]?\.\d+|[-+]?\\[dtc]?frac\{\d+\}\{\d+\}"
 )
 _SEPARATOR_WORDS = re.compile(r"\b(?!(?:and|or)\b)[A-Za-z]+\b")
-_BROKEN_INLINE = re.compile(r"(?<![\\$])\$(?!\$)[^$]*\n[^$]*(?<!\\)\$|\\\([^\n]*?\n.*?\\\)", re.DOTALL)
+_DELIMITER = re.compile(r"\$\$|(?<!\\)\$|\\[()\[\]]")
+_CLOSER = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+_REST_LIMIT = 500  # characters read after an "answer is": an answer is never longer
+_PHRASES_TRIED = 100  # the last this many "answer is" of a text (bounds the work on degenerate text)
 _WORD = re.compile(r"[^\W\d_]{3,}")  # a word of prose (any script), for telling prose from bare math
 _CHOICE = re.compile(r"\(?([A-E])\)?(?=[\s.,;:]|$)")
 _COPULA = re.compile(r"\s(?:is|are|equals|=)\s", re.IGNORECASE)
@@ -229,9 +232,9 @@ def _joins(between: str) -> bool:
 
 def _last_phrase(text: str, start: int = 0) -> tuple[int, str] | None:
     """(position, answer) of the last "answer is X" after `start` whose X is an answer."""
-    for match in reversed(list(_phrases(text, start))):
-        line_end = text.find("\n", match.end())
-        rest = text[match.end() : line_end if line_end >= 0 else len(text)]
+    for match in reversed(list(_phrases(text, start))[-_PHRASES_TRIED:]):
+        line_end = text.find("\n", match.end(), match.end() + _REST_LIMIT)
+        rest = text[match.end() : line_end if line_end >= 0 else match.end() + _REST_LIMIT]
         if not rest.replace("**", "").strip() and match.group(0).rstrip().endswith((":", "：")):
             rest = _next_line(text, line_end)  # "**Final Answer:**\n$5$"
         answer = _answer_after_phrase(rest)
@@ -254,7 +257,7 @@ def _phrases(text: str, start: int):
 def _next_line(text: str, line_end: int) -> str:
     if line_end < 0:
         return ""
-    following = text[line_end + 1 :].lstrip("\n")
+    following = text[line_end + 1 : line_end + 1 + _REST_LIMIT].lstrip("\n")
     cut = following.find("\n")
     return following if cut < 0 else following[:cut]
 
@@ -274,10 +277,8 @@ def _answer_after_phrase(rest: str) -> str | None:
             return answer
     if _BOX_COMMANDS.search(rest):
         return None  # "the answer is \boxed{...}": the box run answers
-    math = _MATH_SPAN.search(rest)
-    if math:
-        return _clean(next(group for group in math.groups() if group is not None))
-    return None
+    spans = [content for _, _, content, broken in _math_spans(rest) if not broken and _clean(content)]
+    return _clean(spans[0]) if spans else None
 
 
 def _leading_answer(rest: str) -> str | None:
@@ -296,17 +297,41 @@ def _leading_answer(rest: str) -> str | None:
 def _last_math_or_number(text: str) -> str | None:
     """The fallback: the last math span or free-standing number, whichever ends later."""
     candidates = []
-    for math in _MATH_SPAN.finditer(text):
-        content = _clean(next(group for group in math.groups() if group is not None))
-        if content:
-            candidates.append((math.end(), content))
+    spans = _math_spans(text)
+    whole = [(end, content) for start, end, content, broken in spans if not broken and _clean(content)]
+    if whole:
+        candidates.append((whole[-1][0], _clean(whole[-1][1])))
     # numbers inside an inline `$...$` / `\\(...\\)` broken over lines (malformed, not math) do not count
-    number = _last_number(_BROKEN_INLINE.sub(lambda m: " " * len(m.group(0)), text))
+    pieces, cut = [], 0
+    for start, end, _, broken in spans:
+        if broken:
+            pieces += [text[cut:start], " " * (end - start)]
+            cut = end
+    number = _last_number("".join(pieces) + text[cut:])
     if number is not None:
         candidates.append((number.end(), number.group(0).strip()))
     if not candidates:
         return None
     return max(candidates, key=lambda item: item[0])[1]
+
+
+def _math_spans(text: str) -> list[tuple[int, int, str, bool]]:
+    """(start, end, content, broken) of each math span, in one linear pass over the delimiters:
+    `$$...$$`, `$...$`, `\\(...\\)`, `\\[...\\]` (an escaped `\\$` is a dollar sign). An inline span
+    (`$`, `\\(`) whose content has a line break is malformed: `broken`. An opener never closed is
+    not a span. (A regex per span would rescan the text from every unclosed opener: quadratic.)"""
+    spans, opened = [], None
+    for token in _DELIMITER.finditer(text):
+        delimiter = token.group(0)
+        if opened is None:
+            if delimiter in _CLOSER:
+                opened = token
+        elif delimiter == _CLOSER[opened.group(0)]:
+            content = text[opened.end() : token.start()]
+            broken = opened.group(0) in ("$", "\\(") and "\n" in content
+            spans.append((opened.start(), token.end(), content, broken))
+            opened = None
+    return spans
 
 
 def _last_number(text: str):
@@ -334,7 +359,11 @@ def _is_bare_math(text: str) -> bool:
 
 def _is_prose(text: str) -> bool:
     """A worked solution rather than an answer: several words outside math."""
-    outside = _MATH_SPAN.sub(" ", text)
+    outside, cut = [], 0
+    for start, end, _, _ in _math_spans(text):
+        outside.append(text[cut:start])
+        cut = end
+    outside = " ".join(outside) + " " + text[cut:]
     outside = re.sub(r"\\[A-Za-z]+\{[^{}]*\}|\\[A-Za-z]+", " ", outside)
     return len(re.findall(r"[A-Za-z]{2,}", outside)) >= 4
 
