@@ -567,6 +567,7 @@ def test_no_answer_fallback_defaults_per_stage():
         "answer: x is " * 10_000,
         "\\boxed{1} and " * 10_000,
         "\\boxed{" * 50_000,
+        "\\boxed 1 " * 30_000,
         "$ \n $ " * 20_000,
     ],
     ids=lambda text: repr(text[:16]),

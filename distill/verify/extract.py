@@ -7,9 +7,9 @@ position (a later statement corrects an earlier one):
 1. a run of boxes: the last balanced, non-empty `\\boxed{...}` / `\\fbox{...}` (nested braces,
    escaped `\\{ \\}` skipped; an empty or unbalanced box is passed over), or `\\boxed 5`, together
    with the boxes just before it that only commas, "and", "or", `\\quad` or math delimiters
-   separate from it: `\\boxed{-2} and \\boxed{1}` is the answer `-2, 1`, and a box repeated
-   word for word counts once. Boxes with other words between them are drafts: only the last
-   run counts;
+   (or one word before an "and") separate from it: `\\boxed{-2} and \\boxed{1}` is the
+   answer `-2, 1`, and a box repeated word for word counts once. Boxes with other words
+   between them are drafts: only the last run counts;
 2. an "answer is X" / "answer: X" / "Answer $X$" whose X (on the same line) is a math span
    (`$...$`, `\\(...\\)`), a leading number or a choice letter `(C)`; when X is a sentence
    ("The largest $n$ is 34."), what follows its last "is" / "=" ("34"). Prose is not an answer.
@@ -55,6 +55,7 @@ _DELIMITER = re.compile(r"\$\$|(?<!\\)\$|\\[()\[\]]")
 _CLOSER = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
 _REST_LIMIT = 500  # characters read after an "answer is": an answer is never longer
 _PHRASES_TRIED = 100  # the last this many "answer is" of a text (bounds the work on degenerate text)
+_TOKEN = re.compile(r"[^\s$]*")  # the argument of a brace-less `\boxed 5`
 _WORD = re.compile(r"[^\W\d_]{3,}")  # a word of prose (any script), for telling prose from bare math
 _CHOICE = re.compile(r"\(?([A-E])\)?(?=[\s.,;:]|$)")
 _COPULA = re.compile(r"\s(?:is|are|equals|=)\s", re.IGNORECASE)
@@ -194,7 +195,7 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
                 continue  # unbalanced (cut off): an earlier box may still be whole
             content, end = _clean(text[index + 1 : close]), close + 1
         elif index > position:  # "\boxed 5": one token, TeX's own brace-less argument
-            token = re.match(r"[^\s$]*", text[index:]).group(0)
+            token = _TOKEN.match(text, index).group(0)
             content, end = _clean(token), index + len(token)
         else:
             continue  # "\boxedfoo" or a box at the very end
@@ -209,13 +210,13 @@ def _last_box_run(text: str) -> tuple[int, str, int] | None:
     boxes = _boxes(text)
     if not boxes:
         return None
-    run = [boxes[-1]]
+    run = [boxes[-1]]  # last box first
     for box in reversed(boxes[:-1]):
-        if box[1] > run[0][0] or not _joins(text[box[1] : run[0][0]]):
+        if box[1] > run[-1][0] or not _joins(text[box[1] : run[-1][0]]):
             break  # a box nested in the next, or words between: an earlier draft
-        run.insert(0, box)
-    contents = list(dict.fromkeys(content for _, _, content in run))
-    return boxes[-1][1], ", ".join(contents), run[0][0]
+        run.append(box)
+    contents = list(dict.fromkeys(content for _, _, content in reversed(run)))
+    return boxes[-1][1], ", ".join(contents), run[-1][0]
 
 
 def _joins(between: str) -> bool:
