@@ -1,6 +1,6 @@
 """Verifier throughput: distill's Verifier against calling math-verify directly in a loop.
 
-    python bench/verify_throughput.py [--workers 2] [--data ../shared/data] [--write docs/benchmarks.md]
+    python bench/verify_throughput.py [--workers 2] [--fallback none|last] [--data ../shared/data] [--write docs/benchmarks.md]
 
 Pairs (reference, completion), a few thousand, all from ../shared/data:
 - the 530 real long-CoT outputs of Sky-T1 checkpoints on MATH-500 and AIME24 (traces/);
@@ -90,8 +90,8 @@ def peer(pairs):
     return seconds, latencies, verdicts, cpu
 
 
-def ours(pairs, workers, timeout_s):
-    verifier = Verifier(workers=workers, timeout_s=timeout_s)
+def ours(pairs, workers, timeout_s, fallback="none"):
+    verifier = Verifier(workers=workers, timeout_s=timeout_s, no_answer_fallback=fallback)
     t0 = time.perf_counter()
     verifier.grade([("x^2 - 1", "\\boxed{(x-1)(x+1)}")])  # starts the pool (a pair that needs sympy)
     start_up = time.perf_counter() - t0
@@ -150,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--fallback", choices=("none", "last"), default="none", help="the Verifier's no_answer_fallback (filter and grpo: none; eval: last)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--write", type=Path, default=None, help="replace this script's section in a Markdown file")
     args = parser.parse_args()
@@ -157,7 +158,7 @@ def main() -> None:
     pairs = build_pairs(args.data)
     load_before = os.getloadavg()[0]
     peer_seconds, peer_latencies, peer_verdicts, peer_cpu = peer(pairs)
-    seconds, start_up, latencies, verdicts, summary, adversarial, adversarial_wall, adversarial_latency, cpu = ours(pairs, args.workers, args.timeout)
+    seconds, start_up, latencies, verdicts, summary, adversarial, adversarial_wall, adversarial_latency, cpu = ours(pairs, args.workers, args.timeout, args.fallback)
     load_after = os.getloadavg()[0]
 
     peer_wall, wall = sum(peer_seconds.values()), sum(seconds.values())
@@ -170,7 +171,7 @@ def main() -> None:
     lines = [
         SECTION,
         "",
-        f"`python bench/verify_throughput.py --workers {args.workers}` on {platform.machine()} with {os.cpu_count()} cores "
+        f"`python bench/verify_throughput.py --workers {args.workers} --fallback {args.fallback}` on {platform.machine()} with {os.cpu_count()} cores "
         f"(Python {platform.python_version()}), {time.strftime('%Y-%m-%d')}. Load average {load_before:.1f} before and "
         f"{load_after:.1f} after: other jobs shared these cores during the run, so both figures are lower than on an idle machine.",
         "",
@@ -179,7 +180,7 @@ def main() -> None:
         "| | pairs/s | p99 latency per check | max latency | undecided (timeouts) |",
         "|---|---:|---:|---:|---:|",
         f"| math-verify `verify(parse(ref), parse(completion))` in a loop | {len(pairs) / peer_wall:.0f} | {p99(peer_latencies) * 1000:.1f} ms | {max(peer_latencies) * 1000:.0f} ms | n/a |",
-        f"| distill `Verifier(workers={args.workers}).grade` | {len(pairs) / wall:.0f} | {p99(latencies) * 1000:.1f} ms | {max(latencies or [0]) * 1000:.0f} ms | {hung} |",
+        f"| distill `Verifier(workers={args.workers}, no_answer_fallback=\"{args.fallback}\").grade` | {len(pairs) / wall:.0f} | {p99(latencies) * 1000:.1f} ms | {max(latencies or [0]) * 1000:.0f} ms | {hung} |",
         "",
         f"**Speed-up: {ratio:.2f}x** (target >= 1.8x on 2 cores); CPU time {sum(peer_cpu.values()) / sum(cpu.values()):.2f}x less.",
         "",

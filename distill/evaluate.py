@@ -37,8 +37,9 @@ Outputs in RUN_DIR:
                                wall time, GPU-hours)
     metrics.jsonl              progress, and one `session` record per invocation (its environment)
 
-Simplifications, named: cons@k groups votes by answer text, not by mathematical equivalence
-(`distill.metrics`); GPU-hours are wall time times the GPUs this process used (tensor-parallel
+Simplifications, named: cons@k groups votes by the verifier's equivalence (`Verifier.group`:
+each answer joins the first earlier answer it equals; equivalence is not always transitive, so
+the classes depend on answer order); GPU-hours are wall time times the GPUs this process used (tensor-parallel
 size for vllm, one for hf on CUDA; not measured for a remote openai server).
 """
 
@@ -93,6 +94,10 @@ class EvalConfig:
     openai: OpenAIOptions = field(default_factory=OpenAIOptions)
     verifier_workers: int | None = None
     verifier_timeout_s: float = 5.0
+    # No box, no "answer is": "last" grades the last math span or number of the final text (as
+    # math-verify does). Base models and students often answer without a box; scoring them 0 for
+    # it would measure the format, not the mathematics, and bias base-vs-distilled comparisons.
+    no_answer_fallback: Literal["none", "last"] = "last"
     write_every: int = 16  # completions graded and fsynced together
     rescore: Path | None = None  # recompute verdicts and metrics of this run directory; generate nothing
     name: str | None = None  # the row label in `distill compare`; default: the run directory's name
@@ -146,7 +151,10 @@ def run(cfg: EvalConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
             writer.close()
 
     # ---- metrics --------------------------------------------------------------------------------
-    metrics = compute_metrics(run_dir.path, protocol)
+    from distill.verify import Verifier
+
+    with Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as verifier:  # cons@k's vote groups
+        metrics = compute_metrics(run_dir.path, protocol, verifier)
     metrics.update(_timing(run_dir.path))
     result = json.loads(run_dir.write_metrics(metrics).read_text(encoding="utf-8"))
     for name, figures in metrics["benchmarks"].items():
@@ -226,7 +234,7 @@ def _generate_and_grade(cfg: EvalConfig, run_dir: RunDir, todo: list, writers: d
 
     bar = tqdm(total=total, initial=done, desc="eval", unit="sample", file=sys.stderr, disable=None)
     try:
-        with Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as verifier:
+        with Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, no_answer_fallback=cfg.no_answer_fallback) as verifier:
             try:
                 for completion in engine.generate(requests):
                     bar.update(1)
@@ -272,6 +280,7 @@ def protocol_of(cfg: EvalConfig, benchmarks: list[Benchmark]) -> dict[str, Any]:
         "instruction": cfg.instruction,
         "seed": cfg.seed,
         "seed_rule": "distill.teacher.generate.sample_seed(seed, problem_id, sample_idx)",
+        "no_answer_fallback": cfg.no_answer_fallback,
         "benchmarks": {
             b.name: {
                 "spec": b.spec,
@@ -413,13 +422,33 @@ def _sample_of(record: TraceRecord) -> Sample:
     )
 
 
-def compute_metrics(run_path: str | Path, protocol: Mapping[str, Any]) -> dict[str, Any]:
+def compute_metrics(run_path: str | Path, protocol: Mapping[str, Any], verifier: Any = None) -> dict[str, Any]:
+    """Every benchmark's figures. With a verifier, cons@k votes by equivalence class (`1/2`,
+    `0.5` and `\\frac{1}{2}` are one vote); without one, by answer text."""
     figures = {}
     for name, spec in protocol["benchmarks"].items():
         samples = read_samples(run_path, name, spec["problem_ids"])
+        if verifier is not None:
+            samples = vote_by_equivalence(samples, verifier)
         figures[name] = benchmark_metrics(samples, k=spec["k"], seed=protocol.get("seed", 0), expected_problems=spec["problems"])
     public = {**protocol, "benchmarks": {n: {k: v for k, v in b.items() if k != "problem_ids"} for n, b in protocol["benchmarks"].items()}}
     return {"protocol": public, "benchmarks": figures}
+
+
+def vote_by_equivalence(samples: list[Sample], verifier: Any) -> list[Sample]:
+    """The samples with each extracted answer replaced by the first equivalent answer of its
+    problem (`Verifier.group`), so the majority vote (`distill.metrics`, which groups by text)
+    counts equivalent spellings as one answer."""
+    by_problem: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_problem.setdefault(sample.problem_id, []).append(index)
+    voted = list(samples)
+    for indices in by_problem.values():
+        answers = [samples[i].extracted for i in indices]
+        for index, leader in zip(indices, verifier.group(answers)):
+            if leader is not None:
+                voted[index] = dataclasses.replace(samples[index], extracted=answers[leader])
+    return voted
 
 
 def rescore(run_path: str | Path, workers: int | None = None) -> dict[str, Any]:
@@ -431,7 +460,7 @@ def rescore(run_path: str | Path, workers: int | None = None) -> dict[str, Any]:
     protocol = read_protocol(run_path)
     saved = load_config(EvalConfig, recipe=run_path / "config.yaml").config
     changed = 0
-    with Verifier(workers=workers, timeout_s=saved.verifier_timeout_s) as verifier:
+    with Verifier(workers=workers, timeout_s=saved.verifier_timeout_s, no_answer_fallback=saved.no_answer_fallback) as verifier:
         for name in protocol["benchmarks"]:
             path = samples_path(run_path, name)
             if not path.is_file():
@@ -448,7 +477,7 @@ def rescore(run_path: str | Path, workers: int | None = None) -> dict[str, Any]:
             if changed_here:
                 _rewrite(path, updated)
             changed += changed_here
-    metrics = compute_metrics(run_path, protocol)
+        metrics = compute_metrics(run_path, protocol, verifier)
     metrics.update(_timing(run_path))
     try:
         previous = read_metrics(run_path)

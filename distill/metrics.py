@@ -8,8 +8,9 @@ Per benchmark, from k graded samples of each of N problems:
   correct, averaged; computed as a product so large n does not overflow. Reported at k = 1, 2, 4,
   ... and at the full k.
 - cons@k: majority vote over the extracted answers of a problem's samples. Answers are grouped by
-  their text with whitespace and surrounding `$` removed (not by mathematical equivalence: that
-  would need k^2 verifier calls; two spellings of one value split the vote). Samples with no
+  their text with whitespace and surrounding `$` removed; `distill eval` first replaces each
+  answer by the first equivalent one of its problem (`distill.evaluate.vote_by_equivalence`, the
+  verifier's equivalence), so `1/2`, `0.5` and `\\frac{1}{2}` are one vote. Samples with no
   extracted answer do not vote; a problem with no votes scores 0. **Tie rule:** when several
   answers share the top count, the problem scores the fraction of them that are correct, i.e. the
   expected score of a uniformly random tie-break. This is deterministic and does not depend on

@@ -9,6 +9,8 @@
 
 Accuracy comes from `distill.verify.Verifier`, the same extraction and equivalence check that
 filters teacher traces and scores the benchmarks, so the RL reward cannot drift from the eval.
+The one deliberate difference is the run's `no_answer_fallback` (grpo: "none", an answer with
+no box and no "answer is" earns no accuracy reward; eval: "last"), set where the Verifier is made.
 A completion is graded on its full text (the template's `<think>` prefill included, see
 `distill.teacher.prompts.full_completion`), so the format check sees what the model was shown.
 

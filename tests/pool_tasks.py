@@ -19,3 +19,20 @@ def stubborn_sleep(seconds: float) -> float:
 
 def exit_now(code: int) -> None:
     os._exit(code)  # a worker that dies mid-check (a segfault looks the same to the pool)
+
+
+def slow_once(reference: str, marker: str, *options) -> tuple[bool, str]:
+    """Stands in for a check that overran once under load: the first call per marker file (the
+    answer is its path) hangs, blocking the soft alarm like C code; every later one answers."""
+    from pathlib import Path
+
+    path = Path(marker)
+    if not path.exists():
+        path.touch()
+        stubborn_sleep(30.0)
+    return True, "correct"
+
+
+def always_slow(reference: str, answer: str, *options) -> tuple[bool, str]:
+    stubborn_sleep(30.0)
+    return True, "correct"

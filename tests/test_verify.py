@@ -256,8 +256,10 @@ def test_adversarial_answers_end_within_the_limit(strict):
     assert len(verdicts) == len(items)
     assert all(v.reason in ("correct", "wrong", "timeout") for v in verdicts), verdicts
     assert verdicts[0].correct is not True  # 10^10^10^10 is not 5, whatever happens
-    # Two workers, each check under the limit: the whole batch within len/2 limits (+ slack).
-    assert elapsed <= len(items) / 2 * LIMIT_S + SLACK_S * 2, f"adversarial batch took {elapsed:.1f}s"
+    # Two workers, each check under the limit, a timed-out one run once more: the whole batch
+    # within (checks + timeouts) / 2 limits (+ slack).
+    timeouts = sum(v.reason == "timeout" for v in verdicts)
+    assert elapsed <= (len(items) + timeouts) / 2 * LIMIT_S + SLACK_S * 2, f"adversarial batch took {elapsed:.1f}s"
     assert max(strict.latencies[-len(items):]) <= LIMIT_S + SLACK_S
     # The pool is whole afterwards: a plain check still works.
     assert strict.grade_one("\\frac{1}{2}", think("\\boxed{0.5}")).reason in ("correct", "timeout")
@@ -274,7 +276,7 @@ def test_fuzzed_inputs_always_get_a_verdict(strict, reference, answer, noise):
     completion = f"<think>{noise}</think>\\boxed{{{answer}}} {noise}"
     started = time.monotonic()
     verdict = strict.grade_one(reference, completion)
-    assert time.monotonic() - started <= LIMIT_S + SLACK_S
+    assert time.monotonic() - started <= 2 * LIMIT_S + SLACK_S  # a timed-out check is run twice
     assert verdict.reason in ("correct", "wrong", "no_answer", "bad_reference", "timeout")
     assert (verdict.correct is None) == (verdict.reason in ("bad_reference", "timeout"))
 
@@ -330,8 +332,9 @@ def test_agreement_with_recorded_verdicts_on_real_traces(verifier):
     agreement = sum(ours == theirs for ours, theirs in decided) / len(decided)
     # Where we find an answer we agree with the recorded verdicts on 97% (see docs/filter.md:
     # the disagreements are mostly the recorded evaluator's extraction errors).
-    assert len(decided) >= 250
-    assert agreement >= 0.95, f"agreement {agreement:.3f} on {len(decided)} decided traces"
+    # (issue 13: 261 of 269 on 2026-12-01; the extraction changes must not lower it)
+    assert len(decided) >= 269
+    assert agreement >= 0.97, f"agreement {agreement:.3f} on {len(decided)} decided traces"
     assert not any(v.reason == "timeout" for v in verdicts)
     # Traces that never finish their reasoning are never credited, whatever the recorded score.
     for row, verdict in zip(rows, verdicts):
@@ -385,3 +388,194 @@ def test_repetition_counts_match_brute_force(text, window):
     expected = max(Counter(flat[i : i + window] for i in range(len(flat) - window + 1)).values()) if len(flat) >= window else (1 if flat else 0)
     assert check_repetition(text, window, 10**9).max_repeats == expected
 
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13: what math-verify gets right, the peers' labelled cases, options, cons@k by equivalence
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        # several boxes that together are the answer; a box repeated counts once
+        (think("The pairs are \\boxed{(2,2)} and \\boxed{(6,2)}."), "(2,2), (6,2)"),
+        (think("The integers are \\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}."), "-2, 1"),
+        (think("$\\boxed{1}$, $\\boxed{2}$ or $\\boxed{3}$"), "1, 2, 3"),
+        (think("\\boxed{7} ... so again \\boxed{7}"), "7"),
+        (think("\\boxed{3} is wrong, so \\boxed{5}"), "5"),  # words between: the earlier box is a draft
+        # "Final Answer:" lines: the nested phrase, and the answer of a sentence
+        (think("Final Answer: The final answer is 7.78. I hope it is correct."), "7.78"),
+        (think("Final Answer: The largest $n$ is 34."), "34"),
+        (think("**Final Answer:**\n$\\frac{1}{2}$"), "\\frac{1}{2}"),
+        (think("Answer $ 9 $"), "9"),
+        # without think tags the later statement wins over an intermediate box
+        ("We first get \\boxed{3} for part one. Combining, the answer is 12.", "12"),
+        ("The answer is 12, as the check \\boxed{12} confirms.", "12"),
+        (think("Therefore $x \\geq 5$ is the solution."), None),  # no answer statement: the default gives none
+    ],
+)
+def test_extract_answer_several_boxes_and_phrases(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Therefore $x \\geq 5$ is the solution.", "x \\geq 5"),
+        ("so the total is 1,000.99€ in the end", "1,000.99"),
+        ("\\frac{10}{9}", "\\frac{10}{9}"),  # only mathematics: the whole text
+        ("x^2 + 2*x + 1", "x^2 + 2*x + 1"),
+        ("所以一共有3 + 10 = 13只鸟。", "13"),
+        ("每份应该是 (\\frac{2}{5}) 吨。", "\\frac{2}{5}"),  # not the 5 inside the fraction
+        ("AZYUK2A", None),  # a digit inside a word is not a number
+        ("Answer $ \n 9 \n $", None),  # an inline formula broken over lines is not read
+        ("I do not know.", None),
+    ],
+)
+def test_no_answer_fallback_last(text, expected):
+    assert extract_answer(text, fallback="last") == expected
+    if expected is not None and "$" in text:
+        assert extract_answer(text) is None  # the default ("none") gives no answer
+
+
+def test_reference_with_several_boxes_and_sentences():
+    assert reference_answer("so $n = \\(\\boxed{1}\\) and \\(\\boxed{-2}\\)") == "1, -2"
+    assert reference_answer("$\\boxed{1}\\boxed{2}$") == "1, 2"
+    assert reference_answer("Hence the answer is $28\\%$. Final Answer: The final answer is $28 \\%$. I hope it is correct.") == "28 \\%"
+    assert reference_answer("\\boxed{1} papers and \\boxed{2} bins") == "1, 2"
+
+
+def test_several_boxes_graded_as_one_answer(verifier):
+    reference = "so the solutions are $n = \\boxed{1}$ and $\\boxed{-2}$"
+    verdicts = verifier.grade([
+        (reference, think("The integers are \\boxed{-2} and \\boxed{1}.")),
+        (reference, think("\\boxed{-2}")),  # half the answer
+        ("(2,2),(6,2)", think("\\boxed{(2,2)} and \\boxed{(6,2)}")),
+        ("5", think("\\boxed{3} and \\boxed{5}")),  # two answers boxed for one
+    ])
+    assert [v.correct for v in verdicts] == [True, False, True, False], verdicts
+
+
+def test_verifier_options(verifier):
+    assert verifier.grade_one("1000.99", "1000,99").correct is False  # no fallback: no answer
+    with Verifier(workers=1, no_answer_fallback="last") as loose:
+        assert loose.grade_one("1000.99", "the price is 1000,99 €").correct is True  # decimal comma
+        assert loose.grade_one("1,22", "\\boxed{1.22}").correct is True
+        assert loose.grade_one("2", "\\boxed{2,3}").correct is False
+    with Verifier(workers=1, no_answer_fallback="last", decimal_comma=False) as english:
+        assert english.grade_one("1000.99", "\\boxed{1000,99}").correct is False
+    with Verifier(workers=1, precision=2) as coarse:
+        assert coarse.grade_one("\\frac{1}{3}", "\\boxed{0.333}").correct is True
+    assert verifier.grade_one("\\frac{1}{3}", "\\boxed{0.333}").correct is False  # 6 decimals by default
+    with Verifier(workers=1, allow_set_relation_comp=True) as relations:
+        assert relations.grade_one("x \\in [-2,7]", "\\boxed{-2 \\le x \\le 7}").correct is True
+    assert verifier.grade_one("x \\in [-2,7]", "\\boxed{-2 \\le x \\le 7}").correct is False
+    with pytest.raises(ValueError, match="no_answer_fallback"):
+        Verifier(no_answer_fallback="last_number")
+
+
+def test_peer_labelled_cases_against_math_verify():
+    """The peers' own labelled cases (tests/data/peer_cases.jsonl: Math-Verify, NeMo-Skills,
+    lighteval; sources in tests/data/PEER_CASES.md), graded by distill and by math-verify in this
+    run: distill agrees with the labels at least as often as math-verify called plainly, and
+    never credits a pair the peer labels unequal. Measured with eval's fallback ("last"); the
+    filter's and grpo's ("none") extract the same answer or none, so it credits a subset of
+    these pairs and has no false positive either (checked below: the fallback only adds answers
+    where there were none)."""
+    from peer_cases import load_cases, measure
+
+    cases = load_cases()
+    assert len(cases) >= 300
+    table = measure(cases, no_answer_fallback="last", as_tested=False)  # distill eval's default
+    plain = table["math-verify, plain defaults"]
+    ours = table["distill Verifier (no_answer_fallback=last)"]
+    wrongly_credited = [cases[i]["source"] + f" {cases[i]['gold']!r} vs {cases[i]['pred']!r}" for i in ours["false_positive"]]
+    assert not wrongly_credited, wrongly_credited
+    assert ours["agree"] >= plain["agree"], f"distill {ours['agree']} vs math-verify {plain['agree']} of {len(cases)}"
+    for case in cases:
+        strict_answer = extract_answer(case["pred"] or "")
+        assert strict_answer is None or strict_answer == extract_answer(case["pred"] or "", fallback="last")
+
+
+def test_timeout_is_retried_once(tmp_path):
+    class SlowOnce(Verifier):
+        _task = "pool_tasks:slow_once"
+
+    class AlwaysSlow(Verifier):
+        _task = "pool_tasks:always_slow"
+
+    with SlowOnce(workers=1, timeout_s=0.5) as verifier:
+        verdict = verifier.grade_one("x+1", think(f"\\boxed{{{tmp_path / 'marker'}}}"))
+        assert verdict.reason == "correct", "a check that overran once is run again"
+        assert verifier.stats["retried"] == 1 and verifier.stats["timeout"] == 0
+    with AlwaysSlow(workers=1, timeout_s=0.5) as verifier:
+        assert verifier.grade_one("x+1", think("\\boxed{y}")).reason == "timeout"
+        assert verifier.stats["checked"] == 2 and verifier.stats["timeout"] == 1
+        assert verifier.grade_one("x+1", think("\\boxed{y}")).reason == "timeout"
+        assert verifier.stats["checked"] == 2, "after its second overrun the verdict stays (cached)"
+
+
+def test_worker_start_up_failure_says_what_to_do(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from distill.verify import Verifier\nv = Verifier(workers=1)\nv.grade_one('x^2-1', '\\\\boxed{(x-1)(x+1)}')\n")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+def test_group_and_cons_at_k_by_equivalence(verifier):
+    from distill.evaluate import vote_by_equivalence
+    from distill.metrics import Sample, benchmark_metrics
+
+    assert verifier.group(["1/2", "0.5", "\\frac{1}{2}", "3", None, "3", "x+1", "1+x"]) == [0, 0, 0, 3, None, 3, 6, 6]
+    answers = ["1/2", "0.5", "\\frac{1}{2}", "3", "3"]  # by text "3" wins 2 to 1; by value 1/2 wins 3 to 2
+    samples = [Sample("p", i, a != "3", a, 10, "stop", True) for i, a in enumerate(answers)]
+    assert benchmark_metrics(samples, k=5)["cons@k"] == 0.0
+    assert benchmark_metrics(vote_by_equivalence(samples, verifier), k=5)["cons@k"] == 1.0
+
+
+def test_no_answer_fallback_defaults_per_stage():
+    """One verifier, one option, a default per stage (the reasons are next to each config field
+    and in docs/filter.md): filter and grpo credit only stated answers, eval grades unboxed ones."""
+    from distill.evaluate import EvalConfig
+    from distill.students.grpo import GRPOConfig
+    from distill.teacher.filter import FilterConfig
+
+    import dataclasses
+
+    def default(config) -> str:
+        return next(f.default for f in dataclasses.fields(config) if f.name == "no_answer_fallback")
+
+    assert default(FilterConfig) == "none"
+    assert default(GRPOConfig) == "none"
+    assert default(EvalConfig) == "last"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\(" * 50_000,  # openers never closed: a regex per span would rescan the rest from each
+        "\\[" * 50_000,
+        "$" + "a\n" * 50_000,
+        "the answer is \\(" * 10_000,
+        "answer: x is " * 10_000,
+        "\\boxed{1} and " * 10_000,
+        "\\boxed{" * 50_000,
+        "\\boxed 1 " * 30_000,
+        "$ \n $ " * 20_000,
+    ],
+    ids=lambda text: repr(text[:16]),
+)
+def test_extraction_is_linear_on_degenerate_text(text):
+    """Extraction runs in the calling process, outside the hard limit: it must stay linear. Each of
+    these took 10-30 s with per-span regexes (quadratic); linear work takes well under a second."""
+    started = time.monotonic()
+    extract_answer(text, fallback="last")
+    reference_answer(text)
+    assert time.monotonic() - started < 3.0

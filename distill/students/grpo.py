@@ -163,6 +163,9 @@ class GRPOConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     verifier_workers: Optional[int] = None
     verifier_timeout_s: float = 5.0
+    # No box, no "answer is": "none" rewards it as wrong. The reward then also teaches the format the
+    # prompt asks for (a boxed final answer), and a policy cannot score by ending on a guessed number.
+    no_answer_fallback: Literal["none", "last"] = "none"
 
     # output
     save_every: int = 50  # steps between checkpoints (and at the end)
@@ -370,7 +373,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
             options["extra"] = {"hf_overrides": changed, **(options.get("extra") or {})}
         engine = make_engine("vllm", model_id, tokenizer=tokenizer, **options)
         engine.load_weights(_policy_weights(model))  # a resumed run samples from its checkpoint, not the base
-    verifier = Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
+    verifier = Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, no_answer_fallback=cfg.no_answer_fallback)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     rendered_cache: dict[str, Any] = {}
 

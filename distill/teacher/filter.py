@@ -79,6 +79,9 @@ class FilterConfig:
     # answer check (the shared verifier)
     verifier_workers: int | None = None  # None: one per core
     verifier_timeout_s: float = 5.0  # hard wall-clock limit per check
+    # No box, no "answer is": "none" rejects the trace (no_answer). A teacher trace that does not
+    # state its answer is not worth training on, and a number picked from its working could be right by accident.
+    no_answer_fallback: Literal["none", "last"] = "none"
     # row checks (False: still computed and recorded, but not a reason to reject)
     require_format: bool = True
     reject_truncated: bool = True
@@ -274,7 +277,8 @@ def _grade(records: list[TraceRecord], cfg: FilterConfig, verifier: Verifier | N
     if verifier is not None and tuple(verifier.think_tags) != tuple(cfg.think_tags):
         raise ValueError(f"the verifier passed in splits on {verifier.think_tags}, the config on {cfg.think_tags}")
     owned = verifier is None
-    verifier = verifier or Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, think_tags=cfg.think_tags)
+    verifier = verifier or Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, think_tags=cfg.think_tags,
+                                    no_answer_fallback=cfg.no_answer_fallback)
     before = dict(verifier.summary())
     verdicts = []
     try:

@@ -2,7 +2,7 @@
 
     from distill.verify import Verifier, Verdict, extract_answer, check_format
 
-    with Verifier(workers=4, timeout_s=5.0, think_tags=("<think>", "</think>")) as verifier:
+    with Verifier(workers=4, timeout_s=5.0, think_tags=("<think>", "</think>"), no_answer_fallback="none") as verifier:
         verdicts = verifier.grade([(reference, completion), ...])   # order kept
     verdicts[0].correct, verdicts[0].extracted, verdicts[0].reason
 

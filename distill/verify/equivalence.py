@@ -22,23 +22,27 @@ from fractions import Fraction
 _INTEGER = re.compile(r"[+-]?\d+")
 _FRACTION = re.compile(r"([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{(\d+)\}|([+-]?\d+)/(\d+)")
 _DECIMAL = re.compile(r"[+-]?\d*\.\d+|[+-]?\d+\.")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL_COMMA = re.compile(r"([+-]?\d+),(\d+)")
 _SPACING = re.compile(r"\\\\|\\[!,;: ]|\\left(?![A-Za-z])|\\right(?![A-Za-z])|\$")
 _WORD_SPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 
 
-def quick_verdict(reference: str, answer: str | None) -> tuple[bool | None, str] | None:
+def quick_verdict(reference: str, answer: str | None, decimal_comma: bool = True) -> tuple[bool | None, str] | None:
     """(correct, reason) when it is decidable without sympy, else None. Decides only where
     math-verify says the same on well-formed LaTeX (tests/test_verify.py checks it):
     - the same text up to LaTeX spacing (`\\,` `\\!` `\\left` `\\right` `\\dfrac`, spaces): correct;
-    - two exact rationals (integers, `\\frac{a}{b}`, `a/b`): equal or not; with a decimal: only
-      "equal" is decided here (math-verify rounds floats, so "unequal" goes to it);
+    - two exact rationals (integers, `\\frac{a}{b}`, `a/b`, `1,000`): equal or not; with a decimal:
+      only "equal" is decided here (math-verify rounds floats, so "unequal" goes to it);
+    - with `decimal_comma`, `2,74` and `0,111` are decimals (a comma followed by other than three
+      digits, and by at least two unless the integer part is 0: `1,2` stays a list of two numbers);
     - no answer, and a reference that is a plain number (so it is readable): no_answer."""
-    gold = _rational(reference)
+    gold = _rational(reference, decimal_comma)
     if answer is None:
         return (False, "no_answer") if gold is not None else None
     if _canonical(answer) == _canonical(reference):
         return True, "correct"
-    predicted = _rational(answer)
+    predicted = _rational(answer, decimal_comma)
     if gold is not None and predicted is not None:
         if gold[0] == predicted[0]:
             return True, "correct"
@@ -47,9 +51,17 @@ def quick_verdict(reference: str, answer: str | None) -> tuple[bool | None, str]
     return None
 
 
-def _rational(text: str) -> tuple[Fraction, bool] | None:
+def _rational(text: str, decimal_comma: bool = False) -> tuple[Fraction, bool] | None:
     """(value, exact) of a plain integer, fraction or decimal; None for anything else."""
     text = text.strip()
+    if _THOUSANDS.fullmatch(text):
+        text = text.replace(",", "")
+    elif decimal_comma:
+        match = _DECIMAL_COMMA.fullmatch(text)
+        if match and len(match.group(2)) != 3 and (len(match.group(2)) >= 2 or match.group(1).lstrip("+-") == "0"):
+            text = f"{match.group(1)}.{match.group(2)}"
+        elif match and match.group(1).lstrip("+-") == "0":
+            text = f"{match.group(1)}.{match.group(2)}"  # 0,111: no thousands group starts with 0
     if _INTEGER.fullmatch(text):
         return Fraction(int(text)), True
     match = _FRACTION.fullmatch(text)
@@ -74,11 +86,16 @@ def _canonical(text: str) -> str:
     return re.sub(r"\s+", "", text).replace("\0", " ")
 
 
-def check(reference: str, answer: str | None) -> tuple[bool | None, str]:
+def check(
+    reference: str, answer: str | None, precision: int = 6, strict: bool = True, allow_set_relation_comp: bool = False
+) -> tuple[bool | None, str]:
     """(correct, reason): reason is "correct", "wrong", "no_answer" or "bad_reference".
 
     A reference math-verify cannot read at all is `bad_reference` (never a wrong answer); an
-    answer it cannot read is `wrong`."""
+    answer it cannot read is `wrong`. `precision` (decimal places floats are rounded to before
+    comparing), `strict` (variables must match by name) and `allow_set_relation_comp` (a
+    reference relation `1 \\le x \\le 2` may equal an interval answer) are math-verify's own
+    `verify` options, passed through."""
     from math_verify import verify
 
     gold = list(_parse_reference(reference))
@@ -89,7 +106,8 @@ def check(reference: str, answer: str | None) -> tuple[bool | None, str]:
     predicted = _parse(answer)
     if not predicted:
         return False, "wrong"
-    same = bool(verify(gold, predicted, timeout_seconds=None))
+    same = bool(verify(gold, predicted, float_rounding=precision, strict=strict,
+                       allow_set_relation_comp=allow_set_relation_comp, timeout_seconds=None))
     return same, "correct" if same else "wrong"
 
 

@@ -210,7 +210,15 @@ class HardLimitPool:
             try:
                 status, detail = pickle.loads(worker.conn.recv_bytes())
             except (EOFError, OSError):
-                status, detail = "failed", f"exit code {worker.process.exitcode}"
+                # It died before reporting (no Python error of ours): most often a script that
+                # starts a Verifier at import time, which the worker runs again while starting.
+                worker.process.join(timeout=2)
+                raise RuntimeError(
+                    f"a verifier worker failed to start (exit code {worker.process.exitcode}); if the script that "
+                    "uses Verifier has no `if __name__ == \"__main__\":` guard, add one and call your code under it: "
+                    "workers start with multiprocessing's forkserver, which runs the main script again in each "
+                    "worker (its traceback is printed above)"
+                ) from None
             if status == "ready":
                 worker.ready = True
                 return
