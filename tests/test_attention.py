@@ -179,3 +179,33 @@ def test_a_model_saved_after_training_with_sdpa_varlen_loads_anywhere(tiny_qwen,
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation=resolve_attention("auto", torch.device("cpu")))
     model.save_pretrained(tmp_path / "out")
     assert "sdpa_varlen" not in json.dumps(json.loads((tmp_path / "out" / "config.json").read_text()))
+
+
+def test_sliding_window_layers_keep_their_window_when_packed(tmp_path):
+    """A sliding-window model (Qwen2 with use_sliding_window): the window needs a real mask, so
+    sdpa_varlen hands it to transformers' sdpa mask and computes what `sdpa` computes."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from distill.students.attention import resolve_attention
+    from distill.students.logprobs import token_logprobs
+
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=0)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "sliding")
+    assert "sliding_attention" in Qwen2Config.from_pretrained(tmp_path / "sliding").layer_types
+    varlen = AutoModelForCausalLM.from_pretrained(tmp_path / "sliding", attn_implementation=resolve_attention("auto", torch.device("cpu"))).eval()
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path / "sliding", attn_implementation="eager").eval()
+    lengths = [9, 6, 11]
+    input_ids = torch.randint(0, 128, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = token_logprobs(varlen, input_ids, positions)
+        start = 0
+        for n in lengths:
+            alone = token_logprobs(eager, input_ids[:, start : start + n])[0, :-1]
+            assert torch.allclose(packed[0, start : start + n - 1], alone, atol=1e-5, rtol=0)
+            start += n
+        full = AutoModelForCausalLM.from_pretrained(tmp_path / "sliding", attn_implementation="eager", layer_types=["full_attention"] * 2).eval()
+        assert (token_logprobs(full, input_ids[:, -11:])[0, :-1] - packed[0, -11:-1]).abs().max() > 1e-3, "the window matters here"
