@@ -16,6 +16,12 @@ for --rounds rounds:
   the same sdpa path, with a padding mask).
 Figure: useful (non-padding) tokens per CPU-second of the training loop (its CPU time, all
 threads: the fair measure when other jobs share the cores), median over rounds; wall rates too.
+
+This model's cost is its 151k-token LM head (hidden 64), the same for every configuration, so
+a second table isolates the attention: one attention layer, forward + backward, over the packed
+rows this data makes (the plan `distill train` computes), sdpa_varlen against the packed mask,
+in this model's shape and in Qwen2.5-1.5B's (12 heads, 2 KV heads, head dim 128).
+`--reuse` redoes only that table and the report from the runs already in --workdir.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -63,6 +70,56 @@ def worker(workdir: Path, name: str, round_: int, max_len: int) -> dict:
     }
 
 
+def attention_layers(workdir: Path, max_len: int) -> list[dict]:
+    """CPU milliseconds of one attention layer (forward + backward) summed over the packed rows
+    of one epoch, per kernel and shape."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from distill.students.attention import varlen_attention
+    from distill.students.chat import resolve_template
+    from distill.students.data import encode_dataset, epoch_order, plan_step, read_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "base")
+    conversations, _ = read_conversations(workdir / "train.jsonl")
+    examples = encode_dataset(conversations, tokenizer, resolve_template("auto", tokenizer), max_len, progress=False).examples
+    lengths = [len(e) for e in examples]
+    rows = []
+    order = epoch_order(len(lengths), 42, 0).tolist()
+    for start in range(0, len(order), 8):  # 8 sequences per step, as the runs
+        for micro in plan_step(lengths, order[start : start + 8], 1, True, max_len, 1)[0]:
+            rows.append([lengths[i] for i in micro])
+    shapes = {"this model (4 heads, 2 KV, dim 16)": (4, 2, 16), "Qwen2.5-1.5B layer (12 heads, 2 KV, dim 128)": (12, 2, 128)}
+    results = []
+    for label, (heads, kv_heads, dim) in shapes.items():
+        layer = type("Layer", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True, "training": True})()
+        seconds = {"sdpa_varlen": 0.0, "packed mask": 0.0}
+        generator = torch.Generator().manual_seed(0)
+        for row in rows:
+            total = sum(row)
+            q = torch.randn(1, heads, total, dim, generator=generator)
+            k, v = torch.randn(1, kv_heads, total, dim, generator=generator), torch.randn(1, kv_heads, total, dim, generator=generator)
+            positions = torch.cat([torch.arange(n) for n in row])[None]
+            segments = torch.cat([torch.full((n,), i) for i, n in enumerate(row)])
+
+            def masked(a, b, c):  # what transformers' packed-sequence mask makes sdpa compute
+                mask = (segments[:, None] == segments[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+                return sdpa_attention_forward(layer, a, b, c, mask[None, None])[0]
+
+            def varlen(a, b, c):
+                return varlen_attention(layer, a, b, c, None, position_ids=positions)[0]
+
+            for name, kernel in (("sdpa_varlen", varlen), ("packed mask", masked)):
+                inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+                started = time.process_time()
+                kernel(*inputs).sum().backward()
+                seconds[name] += time.process_time() - started
+        results.append({"shape": label, "rows": len(rows), "tokens": sum(map(sum, rows)), **{f"{name}_cpu_s": value for name, value in seconds.items()}})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=32)
@@ -73,6 +130,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in a Markdown file")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--reuse", action="store_true", help="reuse --workdir's runs; redo only the attention-layer table")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -90,28 +148,38 @@ def main() -> None:
 
     from sft_vs_trl import prepare, replace_section  # same folder: the same data and model
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    data = prepare(args.workdir, args.sequences, args.max_len)
+    if not args.reuse:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        args.workdir.mkdir(parents=True)
+        (args.workdir / "data.json").write_text(json.dumps(prepare(args.workdir, args.sequences, args.max_len)))
+    data = json.loads((args.workdir / "data.json").read_text())
     print(f"data: {data}", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(args.threads))
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     load = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         for name in CONFIGS:
+            if args.reuse:
+                results[name].append(json.loads((args.workdir / f"{name}-{round_}.json").read_text()))
+                continue
             print(f"round {round_ + 1}/{args.rounds}: {name} ...", file=sys.stderr)
             command = [sys.executable, __file__, "--worker", name, "--round", str(round_), "--workdir", str(args.workdir),
                        "--max-len", str(args.max_len), "--threads", str(args.threads)]  # fmt: skip
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             results[name].append(json.loads((args.workdir / f"{name}-{round_}.json").read_text()))
             load.append(os.getloadavg()[0])
-    section = report(results, data, args, load)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    layers = attention_layers(args.workdir, args.max_len)
+    load.append(os.getloadavg()[0])
+    section = report(results, data, args, load, layers)
     print(section)
     if args.write:
         replace_section(args.write, section)
 
 
-def report(results: dict[str, list[dict]], data: dict, args, load: list[float]) -> str:
+def report(results: dict[str, list[dict]], data: dict, args, load: list[float], layers: list[dict]) -> str:
     import torch
     import transformers
 
@@ -141,6 +209,16 @@ def report(results: dict[str, list[dict]], data: dict, args, load: list[float]) 
             f"| {label} | {median:,.0f} | {', '.join(f'{rate(r):,.0f}' for r in runs)} | {median / padded:.2f}x | {wall:,.0f} | "
             f"{padding:.0%} | {runs[0]['micro_batches']} | {runs[0]['final_loss']:.3f} |"
         )
+    lines += [
+        "",
+        f"One attention layer, forward + backward, over the {layers[0]['rows']} packed rows of the epoch ({layers[0]['tokens']:,} tokens), "
+        "CPU seconds (fp32, random inputs):",
+        "",
+        "| layer shape | sdpa_varlen | packed mask (sdpa over the T x T square) | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for layer in layers:
+        lines.append(f"| {layer['shape']} | {layer['sdpa_varlen_cpu_s']:.2f} | {layer['packed mask_cpu_s']:.2f} | {layer['packed mask_cpu_s'] / layer['sdpa_varlen_cpu_s']:.1f}x |")
     lines.append("")
     return "\n".join(lines)
 
