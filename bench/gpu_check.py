@@ -219,7 +219,8 @@ def train(check: Check, model: Path) -> dict:
     def attempt(out: Path, checkpointing: bool) -> dict:
         return check.cli("train", "--student", str(model), "--data", str(data), "--out", str(out), f"max_seq_len={size['tokens']}", "too_long=truncate",
                          f"micro_batch_tokens={size['tokens']}", f"global_batch={size['global_batch']}", f"max_steps={size['steps']}",
-                         f"activation_checkpointing={str(checkpointing).lower()}", *COMMON_TRAIN, timeout=min(check.remaining(), 240))  # fmt: skip
+                         f"activation_checkpointing={str(checkpointing).lower()}", "check_memory=false", *COMMON_TRAIN,
+                         timeout=min(check.remaining(), 240))  # fmt: skip  (check_memory=false: measure, do not estimate)
 
     out, checkpointing = check.workdir / "train", False
     run = attempt(out, checkpointing)
@@ -358,11 +359,11 @@ def liger(check: Check) -> dict:
     hidden_size = TINY["hidden_size"] if check.dry else QWEN_1_5B["hidden_size"]
     positions, vocab = check.size["tokens"], check.size["vocab"]
     generator = torch.Generator().manual_seed(0)
-    weight = (torch.randn(vocab, hidden_size, generator=generator) * 0.02).to(device)  # fp32 master weight, as trained
     hidden = torch.randn(positions, hidden_size, generator=generator).to(device, torch.bfloat16 if cuda else torch.float32)
     targets = torch.randint(0, vocab, (positions,), generator=generator).to(device)
-    head = torch.nn.Linear(hidden_size, vocab, bias=False, device=device)
-    head.weight.data.copy_(weight)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False, device=device)  # fp32 master weight, as trained
+    with torch.no_grad():
+        head.weight.copy_((torch.randn(vocab, hidden_size, generator=generator) * 0.02).to(device))
 
     def torch_path(h):
         return LinearCrossEntropy.apply(h, head.weight, None, targets, 1024)
@@ -389,7 +390,8 @@ def liger(check: Check) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                 started = time.perf_counter()
-                loss = path(h)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # as the training loop calls the loss
+                    loss = path(h)
                 loss.backward()
                 if cuda:
                     torch.cuda.synchronize()
