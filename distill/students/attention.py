@@ -105,6 +105,9 @@ def varlen_attention(module, query, key, value, attention_mask, position_ids=Non
         lengths = sequence_lengths(position_ids)
     if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    unsupported = [name for name in ("softcap", "s_aux", "position_bias") if kwargs.get(name) is not None]
+    if unsupported:  # per-sequence SDPA would silently drop them
+        raise ConfigError(f"attn_implementation={VARLEN} does not support {', '.join(unsupported)} (this model uses it); use attn_implementation=eager")
     if len(lengths) != query.shape[0]:  # position ids given as (1, T) for a batch of identical layouts
         lengths = lengths * query.shape[0]
     options = {name: kwargs[name] for name in ("dropout", "scaling") if name in kwargs}
