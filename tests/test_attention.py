@@ -209,3 +209,20 @@ def test_sliding_window_layers_keep_their_window_when_packed(tmp_path):
             start += n
         full = AutoModelForCausalLM.from_pretrained(tmp_path / "sliding", attn_implementation="eager", layer_types=["full_attention"] * 2).eval()
         assert (token_logprobs(full, input_ids[:, -11:])[0, :-1] - packed[0, -11:-1]).abs().max() > 1e-3, "the window matters here"
+
+
+def test_what_per_sequence_sdpa_cannot_do_is_refused_not_dropped():
+    """A logit softcap (Gemma 2) on a packed row: a one-line error naming the fix."""
+    import types as pytypes
+
+    import torch
+
+    from distill.students.attention import varlen_attention
+
+    layer = pytypes.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
+    query, key = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(ConfigError, match="does not support softcap.*attn_implementation=eager"):
+        varlen_attention(layer, query, key, key, None, position_ids=positions, softcap=30.0)
+    output, _ = varlen_attention(layer, query, key, key, None, position_ids=positions, softcap=None)
+    assert output.shape == (1, 6, 4, 8)
