@@ -304,10 +304,12 @@ def report(results: dict, data: dict, args) -> str:
 
 
 def replace_section(path: Path, section: str) -> None:
+    """Replace the section whose heading is `section`'s first line (or append it)."""
+    title = section.splitlines()[0]
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
+    if title in text:
+        start = text.index(title)
+        end = text.find("\n## ", start + len(title))
         text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -21,7 +21,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "math-verify": ("core", "filter, eval, grpo (the verifier)"),
     "httpx": ("core", "generate / eval --engine openai"),
     "vllm": ("gpu", "generate / eval / grpo --engine vllm"),
-    "flash-attn": ("gpu", "train: packed sequences with flash-attention varlen kernels on GPU"),
+    "flash-attn": ("gpu", "train: flash-attention varlen kernels on GPU (without it: sdpa_varlen, torch SDPA per sequence)"),
     "liger-kernel": ("gpu", "train: fused linear cross-entropy on GPU"),
     "bitsandbytes": ("gpu", "train / grpo: QLoRA (quantize=4bit) and 8-bit optimisers"),
     "wandb": ("wandb", "train: wandb_project="),

@@ -25,8 +25,9 @@ Packing (`plan_step`): a step takes `global_batch` sequences; they are spread ov
 token count (longest first, to the rank with fewest tokens), and each rank packs its share into
 micro-batches of at most `micro_batch_tokens` tokens (best-fit decreasing). A packed micro-batch
 is one row of concatenated sequences whose position ids restart at 0 for each sequence; the
-attention kernels (flash-attn varlen on GPU, transformers' packed-sequence mask on CPU) read
-the boundaries from the position ids, so no token attends across sequences. Targets are shifted
+attention (flash-attn varlen where installed, else students/attention.py's sdpa_varlen, which
+runs SDPA on each sequence alone) reads the boundaries from the position ids, so no token
+attends across sequences. Targets are shifted
 inside each sequence before concatenation, so no sequence predicts its neighbour's first token.
 With packing off, a micro-batch is `micro_batch_size` sequences padded to the longest.
 Every rank computes the same plan from the lengths alone, so every rank knows the global

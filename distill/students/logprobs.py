@@ -41,8 +41,9 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 def final_hidden_states(model: nn.Module, input_ids, position_ids=None, attention_mask=None):
     """(B, T, H) hidden states after the decoder's final norm. use_cache=False matters: with a
-    cache (or an attention mask) transformers does not read packed-sequence boundaries from
-    position_ids, and packed sequences would attend to each other."""
+    cache (or an attention mask) transformers' sdpa and flex_attention do not read packed-sequence
+    boundaries from position_ids, and packed sequences would attend to each other (sdpa_varlen
+    and flash-attn split at the position restarts either way; students/attention.py)."""
     decoder = causal_lm(model).get_decoder()
     output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
     return output.last_hidden_state

@@ -66,7 +66,7 @@ class TrainConfig:
     # model
     rope_theta: Optional[float] = None  # raise the RoPE base (Qwen2.5-Math presets: 300000)
     max_position_embeddings: Optional[int] = None
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa_varlen (students/attention.py)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype; auto: bf16 on GPU, fp32 on CPU
     # optimisation (defaults: open-r1's OpenR1-Distill-7B recipe)
     epochs: int = 5
@@ -444,6 +444,8 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from distill.students.attention import resolve_attention
+
     if cfg.rope_theta:
         parameters = getattr(hf_config, "rope_parameters", None)
         if isinstance(parameters, dict):
@@ -453,7 +455,7 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
     if cfg.max_position_embeddings:
         hf_config.max_position_embeddings = cfg.max_position_embeddings
     hf_config.use_cache = False
-    kwargs: dict[str, Any] = {"config": hf_config, "attn_implementation": _attention(cfg, dist), "dtype": torch.float32}
+    kwargs: dict[str, Any] = {"config": hf_config, "attn_implementation": resolve_attention(cfg.attn_implementation, dist.device), "dtype": torch.float32}
     if cfg.lora and dist.device.type == "cuda":
         kwargs["dtype"] = torch.bfloat16  # a frozen base needs no fp32 master copy
     if cfg.quantize == "4bit":
@@ -520,24 +522,6 @@ def generation_config(tokenizer, template, hf_config):
     stop += [e for e in base_eos if e is not None and e not in stop]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop, pad_token_id=pad, do_sample=True, temperature=0.6, top_p=0.95)
-
-
-def _attention(cfg: TrainConfig, dist) -> str:
-    if cfg.attn_implementation != "auto":
-        if cfg.attn_implementation == "flash_attention_2":
-            try:
-                import flash_attn  # noqa: F401
-            except ImportError:
-                raise MissingDependency("flash-attn", "gpu", "attn_implementation=flash_attention_2") from None
-        return cfg.attn_implementation
-    if dist.device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
 
 
 def _parameter_counts(model) -> dict[str, int]:
