@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distill.errors import ConfigError, InputError
@@ -183,6 +184,44 @@ def test_chunked_losses_have_the_gradients_of_full_logit_cross_entropy(tiny_qwen
         assert torch.isclose(loss, expected_loss, rtol=1e-5), mode
         for name, grad in grads.items():
             assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), (mode, name)
+
+
+def test_empty_micro_batches_never_reach_the_fused_loss(tiny_qwen, monkeypatch):
+    """plan_step pads a rank with fewer micro-batches with empty ones (FSDP's collectives must
+    match); the fused loss kernel must never see them (liger's divides by the row count). The
+    guard returns a zero whose gradient reaches every parameter, so every rank reduces alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.students import logprobs
+    from distill.students.data import Encoded, collate, plan_step
+
+    plan = plan_step([30, 5, 5], [0, 1, 2], world=2, packing=True, micro_batch_tokens=30, micro_batch_size=1)
+    assert [len(p) for p in plan] == [1, 1] and plan[1] == [[1, 2]]
+    plan = plan_step([30, 30, 30], [0, 1, 2], world=2, packing=True, micro_batch_tokens=30, micro_batch_size=1)
+    assert [] in plan[1], "uneven shares: rank 1 runs an empty micro-batch"
+
+    rows_seen = []
+
+    def fused_kernel(hidden, weight, bias, targets, chunk_tokens):  # a stand-in that refuses zero rows, as liger fails on them
+        rows_seen.append(hidden.shape[0])
+        assert hidden.shape[0] > 0, "an empty micro-batch reached the fused loss"
+        return hidden.sum() * 0
+
+    monkeypatch.setattr(logprobs.LinearCrossEntropy, "apply", fused_kernel)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation="sdpa")
+    for packing in (True, False):
+        batch = collate([], packing, pad_id=0)
+        model.zero_grad()
+        loss = logprobs.summed_nll(model, batch.input_ids, batch.position_ids, batch.targets, batch.attention_mask, fused="auto")
+        loss.backward()
+        assert loss.item() == 0.0 and batch.trained == 0
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters()), "zero gradients, on every parameter"
+    assert rows_seen == []
+    example = Encoded(np.arange(1, 9, dtype=np.int32), np.array([0, 0, 0, 1, 1, 1, 1, 1], dtype=bool))
+    batch = collate([example], True, pad_id=0)
+    logprobs.summed_nll(model, batch.input_ids, batch.position_ids, batch.targets, fused="auto")
+    assert rows_seen == [5], "non-empty micro-batches still take the fused path"
 
 
 def test_one_step_of_8_equals_4_accumulated_micro_batches_of_2(student, data, tmp_path):
