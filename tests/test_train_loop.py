@@ -376,9 +376,14 @@ def test_dropped_and_truncated_sequences_are_reported(student, data, tmp_path):
         log = (out / "train.log").read_text()
         lengths.append(metrics["sequences"])
         if too_long == "drop":
-            assert metrics["dropped_too_long"] > 0 and f"dropped {metrics['dropped_too_long']} sequences longer than max_seq_len=100" in log
+            dropped = metrics["dropped_too_long"]
+            assert dropped > 0 and f"warning: sequences dropped, longer than max_seq_len=100 (too_long=drop): {dropped} of 24" in log
+            assert "raise max_seq_len" in log
+            warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+            assert [(w["reason"], w["count"], w["total"]) for w in warnings] == [("too_long", dropped, 24)]
         else:
-            assert metrics["truncated"] > 0 and metrics["dropped_too_long"] == 0 and "truncated" in log
+            assert metrics["truncated"] > 0 and metrics["dropped_too_long"] == 0 and "warning: sequences truncated to max_seq_len=100" in log
+            assert [w["reason"] for w in json.loads((out / "metrics.json").read_text())["warnings"]] == ["truncated"]
     assert lengths[1] == 24 > lengths[0]
 
 

@@ -306,6 +306,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     problems = loaded.problems
     if loaded.skipped:
         say(f"skipped {len(loaded.skipped)} bad rows of {cfg.data}; first: {loaded.skipped[0]}")
+        if run_dir is not None:
+            run_dir.warn_dropped("malformed", len(loaded.skipped), len(problems) + len(loaded.skipped), "problem rows skipped as malformed (on_bad_row=skip)", "fix those rows (the first is named above)")
     if not any(_reference(p) for p in problems):
         raise InputError(f"{cfg.data}: no problem has a reference answer; the GRPO reward needs one (an 'answer' field)")
     say(f"{len(problems)} problems, {sum(1 for p in problems if not _reference(p))} without a reference (never rewarded)")

@@ -209,6 +209,10 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         raise InputError(f"{cfg.data}: no training rows{f' ({len(skipped)} skipped as malformed)' if skipped else ''}; check the file")
     for line in _data_report(dataset, max_len, cfg.too_long):
         say(line)
+    read = dataset.rows + len(skipped)
+    for reason, count, what, fix in _data_drops(dataset, max_len):
+        if count and run_dir is not None and not run_dir.warn_dropped(reason, count, read, what, fix):
+            say(f"{what}: {count:,} of {read:,}")
     if not dataset.examples:
         raise InputError(
             f"{cfg.data}: none of the {dataset.rows} rows is left to train on "
@@ -580,13 +584,7 @@ def export_dtype(cfg: TrainConfig, hf_config):
 def _data_report(dataset, max_len: int, too_long: str) -> list[str]:
     lines = [f"data: {dataset.rows} rows -> {len(dataset.examples)} sequences, {dataset.tokens:,} tokens, {dataset.trained_tokens:,} trained"]
     if dataset.skipped_rows:
-        lines.append(f"skipped {len(dataset.skipped_rows)} malformed rows (on_bad_row=skip), first: {dataset.skipped_rows[0]}")
-    if dataset.dropped_too_long:
-        lines.append(f"dropped {dataset.dropped_too_long} sequences longer than max_seq_len={max_len} (too_long=drop; too_long=truncate keeps their start)")
-    if dataset.truncated:
-        lines.append(f"truncated {dataset.truncated} sequences to max_seq_len={max_len} (too_long=truncate): their ends, end-of-turn included, are not trained")
-    if dataset.dropped_untrained:
-        lines.append(f"dropped {dataset.dropped_untrained} sequences with no trained token left after truncation")
+        lines.append(f"first malformed row skipped: {dataset.skipped_rows[0]}")
     notes = dataset.notes
     if notes.prefill_missing:
         lines.append(
@@ -594,6 +592,16 @@ def _data_report(dataset, max_len: int, too_long: str) -> list[str]:
             "they are trained as written, but at inference the prefill is given"
         )
     return lines
+
+
+def _data_drops(dataset, max_len: int) -> list[tuple[str, int, str, str]]:
+    """(reason, count, what, the setting to change) of each way rows were lost or cut."""
+    return [
+        ("malformed", len(dataset.skipped_rows), "rows skipped as malformed (on_bad_row=skip)", "fix those rows (the first is named above); on_bad_row=error stops at the first"),
+        ("too_long", dataset.dropped_too_long, f"sequences dropped, longer than max_seq_len={max_len} (too_long=drop)", "raise max_seq_len, or too_long=truncate keeps their start"),
+        ("truncated", dataset.truncated, f"sequences truncated to max_seq_len={max_len} (too_long=truncate): their ends, end-of-turn included, are not trained", "raise max_seq_len"),
+        ("untrained", dataset.dropped_untrained, "sequences dropped with no trained token left after truncation", "raise max_seq_len"),
+    ]
 
 
 def _wandb(cfg: TrainConfig, dist):
