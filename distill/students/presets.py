@@ -111,6 +111,18 @@ def preset_values(name: str, gpus: int = 0) -> dict[str, Any]:
     return values
 
 
+def preset_limits(name: str) -> tuple[int, str] | None:
+    """The smallest max_seq_len a preset trains with on any GPU count (its config's, or a memory
+    plan's), and where it comes from: what `distill filter --student` checks lengths against.
+    None when the preset sets none (training then uses the model's context)."""
+    preset = PRESETS[name]
+    found = [(int(preset["config"]["max_seq_len"]), f"preset {name}")] if preset["config"].get("max_seq_len") else []
+    for gpus, plan in sorted(preset["memory_plan"].items()):
+        if plan.get("max_seq_len"):
+            found.append((int(plan["max_seq_len"]), f"preset {name}'s plan for {gpus} GPU{'s' if gpus > 1 else ''}"))
+    return min(found, key=lambda item: item[0]) if found else None
+
+
 def memory_plan(name: str, gpus: int) -> dict[str, Any]:
     plans = PRESETS[name]["memory_plan"]
     fitting = [count for count in plans if count <= gpus]

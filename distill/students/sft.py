@@ -194,7 +194,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     model_id, hf_config = resolve_student(cfg.student)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     template = resolve_template(cfg.chat_template, tokenizer, cfg.end_of_turn)
-    max_len = cfg.max_seq_len or min(getattr(hf_config, "max_position_embeddings", 32768) or 32768, 32768)
+    max_len = cfg.max_seq_len or default_max_seq_len(hf_config)
     positions = cfg.max_position_embeddings or getattr(hf_config, "max_position_embeddings", None)
     if positions and max_len > positions:
         say(f"warning: max_seq_len {max_len} exceeds the model's {positions} positions; raise rope_theta and max_position_embeddings as the Qwen2.5-Math presets do")
@@ -401,6 +401,12 @@ def resolve_student(student: str):
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0][:160]
         raise InputError(f"student '{student}' is not a preset ({', '.join(PRESETS)}), a local model directory, or a reachable hub model ({reason})") from None
+
+
+def default_max_seq_len(hf_config) -> int:
+    """max_seq_len when neither preset nor user sets one: the model's context, at most 32768
+    (also what `distill filter --student` checks lengths against)."""
+    return min(getattr(hf_config, "max_position_embeddings", 32768) or 32768, 32768)
 
 
 def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
