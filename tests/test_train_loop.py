@@ -392,3 +392,44 @@ def test_rerunning_a_finished_run_does_nothing(reference, student, data, capsys)
     assert cli(*train_args(student, data, reference, "max_steps=4")) == 0
     assert "already trained (4 steps)" in capsys.readouterr().err
     assert (reference / "metrics.jsonl").read_text() == before
+
+
+# --------------------------------------------------------------------------------------------
+# the filter's length check is the training tokenization
+
+
+def test_a_trace_the_filter_accepts_is_never_dropped_by_training(student, tmp_path, monkeypatch):
+    """`distill filter --student P` counts lengths with training's own template and tokenization
+    and the max_seq_len training uses: for a model directory, exactly the traces the filter calls
+    too long are the ones training drops; for a preset, the filter uses the smallest max_seq_len
+    of its plans (here one GPU's), so nothing it accepts is dropped on any GPU count."""
+    from distill.students.presets import PRESETS
+    from distill.students.sft import TrainConfig, run as train
+    from distill.teacher.filter import FilterConfig, run as filter_traces
+    from distill.verify import Verifier
+
+    rng = random.Random(1)
+    rows = []
+    for index in range(24):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        steps = " ".join(f"step{k}" for k in range(rng.randint(5, 200)))
+        rows.append({"problem_id": f"q{index}", "sample_idx": 0, "problem": f"What is {a}+{b}?", "answer": str(a + b),
+                     "completion": f"<think>\n{steps}\n</think>\n\nThe answer is \\boxed{{{a + b}}}."})
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    preset = {"model": str(student), "params_b": 0.0001, "source": "test",
+              "config": {"chat_template": "chatml-think", "max_seq_len": 900}, "memory_plan": {1: {"max_seq_len": 600}, 2: {}}}  # fmt: skip
+    monkeypatch.setitem(PRESETS, "tiny-char", preset)
+
+    with Verifier(workers=1) as verifier:
+        for name, limit in ((str(student), 1024), ("tiny-char", 600)):
+            out = tmp_path / f"filter-{len(name)}"
+            metrics = filter_traces(FilterConfig(traces=traces, out=out, student=name, decontaminate=(), dedup=False, plots=False), verifier=verifier)
+            too_long = metrics["check_failures"].get("too_long", 0)
+            assert 0 < too_long < 24 and metrics["accepted"] == 24 - too_long, (name, metrics)
+            assert json.loads((out / "stats.json").read_text())["max_seq_len"] == limit
+            trained = train(TrainConfig(student=name, data=str(out), out=tmp_path / f"train-{len(name)}", max_steps=1, global_batch=4, save_every=100))
+            assert trained["dropped_too_long"] == 0 and trained["sequences"] == metrics["accepted"], name
+            if name == str(student):  # the same limit on both sides: the same traces are too long
+                unfiltered = train(TrainConfig(student=name, data=str(traces), out=tmp_path / "train-all", max_steps=1, global_batch=4, save_every=100))
+                assert unfiltered["dropped_too_long"] == too_long
