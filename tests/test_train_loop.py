@@ -433,3 +433,29 @@ def test_a_trace_the_filter_accepts_is_never_dropped_by_training(student, tmp_pa
             if name == str(student):  # the same limit on both sides: the same traces are too long
                 unfiltered = train(TrainConfig(student=name, data=str(traces), out=tmp_path / "train-all", max_steps=1, global_batch=4, save_every=100))
                 assert unfiltered["dropped_too_long"] == too_long
+
+
+def test_two_processes_load_without_a_full_copy_on_every_rank(tmp_path):
+    """parallel.load_sharded: rank 0 reads the weights, rank 1 receives only its shards. Each
+    rank's peak resident memory while loading, over its resident memory before: rank 0 holds the
+    whole fp32 model once; rank 1 stays well under it (about half: its shard). The gathered weights
+    equal the saved ones (the losses of the loading path: test_two_cpu_processes_with_fsdp...)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                         num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    size = sum(p.numel() for p in model.parameters()) * 4  # fp32 bytes, about 170 MB
+    model.save_pretrained(tmp_path / "model")
+    del model
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "fsdp_load_worker.py"), str(tmp_path / "model"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["weights_equal"] is True
+    assert ranks[0]["local_params"] + ranks[1]["local_params"] == size // 4 and ranks[1]["local_params"] < 0.55 * size // 4
+    assert ranks[0]["rss_growth"] > 0.9 * size, "rank 0 reads the whole model (the measurement sees a full copy)"
+    assert ranks[1]["rss_growth"] < 0.8 * size, f"rank 1 grew by {ranks[1]['rss_growth'] / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"

@@ -47,7 +47,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 from distill.config import Loaded, describe_sources, load_config
 from distill.errors import ConfigError, InputError, MissingDependency
-from distill.students.presets import PRESETS, check_memory, estimate_memory_gb, is_preset, preset_values
+from distill.students.presets import PRESETS, check_host_memory, check_memory, estimate_host_memory_gb, estimate_memory_gb, is_preset, preset_values
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from distill.students.checkpoint import Checkpointer, export_model
     from distill.students.data import collate, encode_dataset, epoch_order, iter_conversations, plan_step
     from distill.students.logprobs import Scorer
-    from distill.students.parallel import peak_memory_gb, shard
+    from distill.students.parallel import load_sharded, peak_memory_gb
 
     # ---- run directory (rank 0 writes; every rank reads the same inputs) --------------------
     run_dir, problem = None, None
@@ -243,8 +243,10 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         _check_memory(cfg, hf_config, dist, micro_tokens if cfg.packing else max_len * cfg.micro_batch_size)
 
     # ---- model, optimiser, schedule --------------------------------------------------------------
-    model = load_student(model_id, hf_config, cfg, dist)
-    scorer = shard(Scorer(model, cfg.loss_chunk_tokens, cfg.fused_loss), dist, cfg.cpu_offload)
+    scorer = load_sharded(
+        lambda meta: load_student(model_id, hf_config, cfg, dist, meta=meta), lambda lm: Scorer(lm, cfg.loss_chunk_tokens, cfg.fused_loss), dist, cfg.cpu_offload
+    )  # fmt: skip
+    model = scorer.model
     parameters = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, parameters, dist.device)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
@@ -409,8 +411,10 @@ def default_max_seq_len(hf_config) -> int:
     return min(getattr(hf_config, "max_position_embeddings", 32768) or 32768, 32768)
 
 
-def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
-    """The causal LM with the run's RoPE, attention, precision, checkpointing and LoRA settings."""
+def load_student(model_id: str, hf_config, cfg: TrainConfig, dist, meta: bool = False):
+    """The causal LM with the run's RoPE, attention, precision, checkpointing and LoRA settings.
+    meta=True: the same modules on the meta device, no weights read (parallel.load_sharded fills
+    each rank's shards from rank 0's copy)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -427,6 +431,8 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
     if cfg.lora and dist.device.type == "cuda":
         kwargs["dtype"] = torch.bfloat16  # a frozen base needs no fp32 master copy
     if cfg.quantize == "4bit":
+        if dist.distributed:
+            raise ConfigError("quantize=4bit (QLoRA) runs in one process: bitsandbytes' 4-bit weights are not sharded; launch without torchrun, or lora=true alone")
         if dist.device.type != "cuda":
             raise ConfigError("quantize=4bit (QLoRA) needs a CUDA GPU; use lora=true alone on CPU")
         try:
@@ -439,7 +445,11 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
         )
         kwargs["device_map"] = {"": dist.device.index or 0}
     torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it
-    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=kwargs["attn_implementation"], dtype=kwargs["dtype"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     if cfg.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -572,6 +582,21 @@ def _check_memory(cfg: TrainConfig, hf_config, dist, tokens: int) -> None:
     plan += f"{' 4-bit' if cfg.quantize == '4bit' else ''}, {dist.world} device{'s' if dist.world > 1 else ''}"
     plan += f"{', activation checkpointing' if cfg.activation_checkpointing else ''}{', CPU offload' if cfg.cpu_offload else ''}, {tokens} tokens per micro-batch"
     check_memory(estimate, available, where, plan)
+    # Host memory, per node: the one full copy loading holds (parallel.load_sharded) and what each
+    # process keeps in host memory (everything on CPU; the offloaded states with cpu_offload).
+    import psutil
+
+    on_gpu = dist.device.type == "cuda"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    load_bytes = 0.55 if cfg.quantize == "4bit" else (2 if cfg.lora and on_gpu else 4)  # load_student's dtype
+    offloaded = estimate_memory_gb(
+        params, dist.world, lora=cfg.lora, quantize=cfg.quantize, cpu_offload=False, activation_checkpointing=cfg.activation_checkpointing,
+        tokens=tokens, hidden=hidden, layers=layers, intermediate=intermediate, vocab=vocab, chunk_tokens=cfg.loss_chunk_tokens,
+    )["states"]  # fmt: skip
+    host = estimate_host_memory_gb(
+        params, dist.world, local, load_bytes=load_bytes, device_states_gb=offloaded if on_gpu else estimate["total"], on_gpu=on_gpu, cpu_offload=cfg.cpu_offload
+    )  # fmt: skip
+    check_host_memory(host, -dist.max(-psutil.virtual_memory().available / 2**30), local)
 
 
 def export_dtype(cfg: TrainConfig, hf_config):
