@@ -291,6 +291,7 @@ def test_kill_9_then_rerun_continues_the_same_trajectory(reference, student, dat
     assert cli(*args) == 0  # the same command again resumes
     log = (out / "metrics.jsonl").read_text()
     assert '"event": "resume", "step": 2' in log
+    assert "(built by an earlier launch: not tokenized again)" in (out / "train.log").read_text(), "the resume reads the tokenized cache"
     expected, resumed = step_records(reference), step_records(out)
     assert [resumed[s]["loss"] for s in (1, 2, 3, 4)] == pytest.approx([expected[s]["loss"] for s in (1, 2, 3, 4)], rel=1e-6, abs=0)
     final, reference_final = weights(out / "model"), weights(reference / "model")
@@ -309,6 +310,9 @@ def test_two_cpu_processes_with_fsdp_match_one_process(reference, student, data,
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4, abs=0)
         assert two[step]["tokens"] == one[step]["tokens"]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    # One cache, built by rank 0 and memory-mapped by both ranks (rank 1 never tokenizes: it is
+    # handed the folder), and the losses above are computed from it.
+    assert len(list((out / "tokenized").iterdir())) == 1 and (out / "train.log").read_text().count("tokenized data:") == 1
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None  # FSDP shards gathered into one directory
@@ -392,6 +396,30 @@ def test_rerunning_a_finished_run_does_nothing(reference, student, data, capsys)
     assert cli(*train_args(student, data, reference, "max_steps=4")) == 0
     assert "already trained (4 steps)" in capsys.readouterr().err
     assert (reference / "metrics.jsonl").read_text() == before
+
+
+def test_the_data_is_tokenized_once_and_memory_mapped(student, data, tmp_path, monkeypatch):
+    """A second launch on the same data (another run directory, same data_cache) reads the cache
+    and tokenizes nothing; a change that alters the token ids (max_seq_len) builds a new cache."""
+    from distill.students import data as data_module
+    from distill.students.data import TokenizedData
+    from distill.students.sft import TrainConfig, run
+
+    calls = []
+    tokenize = data_module.tokenize_segments
+    monkeypatch.setattr(data_module, "tokenize_segments", lambda batch, tokenizer: calls.append(len(batch)) or tokenize(batch, tokenizer))
+    cache = tmp_path / "cache"
+    common = dict(student=str(student), data=str(data), max_steps=1, save_every=100, data_cache=str(cache))
+    first = run(TrainConfig(out=tmp_path / "a", **common))
+    assert sum(calls) == 24
+    second = run(TrainConfig(out=tmp_path / "b", **common))
+    assert sum(calls) == 24, "the second launch tokenized again"
+    assert first["first_loss"] == second["first_loss"] and first["sequences"] == second["sequences"] == 24
+    folder = next(cache.iterdir())
+    mapped = TokenizedData(folder)
+    assert isinstance(mapped.input_ids, np.memmap) and len(mapped) == 24 and mapped.tokens == int(mapped.lengths.sum())
+    run(TrainConfig(out=tmp_path / "c", max_seq_len=200, **common))
+    assert sum(calls) == 48 and len(list(cache.iterdir())) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,14 @@ per step) and metrics.json. The loop below is the whole algorithm; the choices i
 - Checkpoints every `save_every` steps and at the end (students/checkpoint.py): weights,
   optimiser, scheduler, data position and RNG; a rerun of the same command resumes.
 
-Simplifications: every rank reads and tokenizes the whole dataset (deterministic, so no
-broadcast is needed); no sequence parallelism, so one sequence must fit on one device; no
+- Data: tokenized once, by rank 0, into a memory-mapped cache (students/data.py `TokenizedData`,
+  RUN_DIR/tokenized or `data_cache`) keyed by the data's fingerprint, tokenizer, template and
+  max_seq_len; every rank, rerun and resume reads it. Weights: rank 0 reads them, the other ranks
+  receive only their shards (students/parallel.py `load_sharded`); the memory check counts the
+  host memory of a node (one full copy while loading) as well as the device's.
+
+Simplifications: the cache is built by rank 0 alone while the others wait (the process group's
+timeout, 60 minutes, bounds it); no sequence parallelism, so one sequence must fit on one device; no
 evaluation during training (`distill eval` does that on the exported model).
 """
 
@@ -62,6 +68,7 @@ class TrainConfig:
     too_long: Literal["drop", "truncate"] = "drop"  # sequences over max_seq_len
     on_bad_row: Literal["error", "skip"] = "error"  # rows with no assistant turn or malformed messages
     data_split: str = "train"  # for hub datasets
+    data_cache: Optional[str] = None  # folder of tokenized caches (shared by runs on the same data); default RUN_DIR/tokenized
     # model
     rope_theta: Optional[float] = None  # raise the RoPE base (Qwen2.5-Math presets: 300000)
     max_position_embeddings: Optional[int] = None
@@ -167,7 +174,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from distill.rundir import RunDir
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
-    from distill.students.data import collate, encode_dataset, epoch_order, iter_conversations, plan_step
+    from distill.students.data import collate, epoch_order, plan_step
     from distill.students.logprobs import Scorer
     from distill.students.parallel import load_sharded, peak_memory_gb
 
@@ -201,10 +208,8 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     say(f"student {model_id}; chat template '{template.name}' (assistant turns end with {template.end_of_turn!r}); max {max_len} tokens")
 
     # ---- data: conversations -> token ids + loss mask -----------------------------------------
-    skipped: list[str] = []
-    conversations = iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped)
-    dataset = encode_dataset(conversations, tokenizer, template, max_len, cfg.too_long, progress=dist.is_main)
-    dataset.skipped_rows = skipped
+    dataset = _tokenized(cfg, tokenizer, template, max_len, dist, say)  # once, memory-mapped by every rank
+    skipped = dataset.skipped_rows
     if not dataset.rows:
         raise InputError(f"{cfg.data}: no training rows{f' ({len(skipped)} skipped as malformed)' if skipped else ''}; check the file")
     for line in _data_report(dataset, max_len, cfg.too_long):
@@ -219,8 +224,8 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
             f"({dataset.dropped_too_long} longer than max_seq_len={max_len}); raise max_seq_len or pass too_long=truncate"
         )
     examples = dataset.examples
-    lengths = [len(e) for e in examples]
-    trained_counts = [int(e.loss_mask[1:].sum()) for e in examples]
+    lengths = dataset.lengths.tolist()
+    trained_counts = dataset.trained.tolist()
     micro_tokens = cfg.micro_batch_tokens or max_len
     if cfg.packing and max(lengths) > micro_tokens:
         raise ConfigError(f"micro_batch_tokens={micro_tokens} is smaller than the longest sequence ({max(lengths)} tokens); raise it to at least max_seq_len={max_len}")
@@ -610,6 +615,35 @@ def export_dtype(cfg: TrainConfig, hf_config):
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def _tokenized(cfg: TrainConfig, tokenizer, template, max_len: int, dist, say):
+    """The training data, tokenized once: rank 0 writes the cache unless a launch before it did
+    (a resume, a rerun, another run with the same data_cache), and every rank memory-maps the same
+    files. The cache is keyed by the data's fingerprint, the tokenizer, the template, max_seq_len
+    and the row settings, so any change to those tokenizes again into a new folder."""
+    from distill.students.data import TokenizedData, cache_key, data_fingerprint, iter_conversations, tokenize_to_cache, tokenizer_fingerprint
+
+    folder, problem = None, None
+    if dist.is_main:
+        try:
+            key = cache_key({
+                "data": data_fingerprint(cfg.data, cfg.data_split), "tokenizer": tokenizer_fingerprint(tokenizer),
+                "template": [template.source, template.end_of_turn], "max_seq_len": max_len, "too_long": cfg.too_long, "on_bad_row": cfg.on_bad_row,
+            })  # fmt: skip
+            folder = Path(cfg.data_cache or Path(cfg.out) / "tokenized") / key
+            if (folder / "meta.json").is_file():
+                say(f"tokenized data: {folder} (built by an earlier launch: not tokenized again)")
+            else:
+                skipped: list[str] = []
+                tokenize_to_cache(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped), tokenizer, template, max_len, cfg.too_long, folder, skipped)
+                say(f"tokenized data: {folder}")
+        except (InputError, ConfigError) as error:  # every rank must stop, not wait for the cache
+            problem = (isinstance(error, InputError), str(error))
+    folder, problem = dist.broadcast((folder, problem))
+    if problem:
+        raise (InputError if problem[0] else ConfigError)(problem[1])
+    return TokenizedData(folder)
 
 
 def _data_report(dataset, max_len: int, too_long: str) -> list[str]:
