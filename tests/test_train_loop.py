@@ -339,6 +339,62 @@ def test_lora_merged_at_export_or_kept_as_an_adapter(student, data, tmp_path):
     assert torch.allclose(from_merged, with_adapter, atol=1e-5), "merged weights equal base + adapter"
 
 
+def test_qlora_export_and_weight_sync_dequantize_and_merge(student, tmp_path):
+    """A 4-bit (bitsandbytes NF4) base with a LoRA adapter: the export writes plain weights (the
+    base dequantised, the adapter merged in full precision) that transformers loads without
+    bitsandbytes and that compute what the QLoRA model computes; GRPO's weight sync sends the same
+    tensors under the base model's names; the 4-bit base is left untouched. bitsandbytes runs
+    4-bit layers on CPU since 0.48; QLoRA *training* stays GPU-only (load_student refuses it on CPU)."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the [gpu] extra); its CPU backend runs this test")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from distill.students.checkpoint import export_model, is_quantized
+    from distill.students.grpo import _policy_weights
+    from distill.students.parallel import Dist
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    shape = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(shape).save_pretrained(tmp_path / "base")  # 4-bit blocks of 64 need rows of at least 64
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map={"": "cpu"})
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)  # a trained adapter (B starts at zero)
+    assert is_quantized(model)
+    packed = {name: p.detach().clone() for name, p in model.named_parameters() if hasattr(p, "quant_state")}
+    ids = torch.tensor([[5, 17, 30, 41, 9, 22, 3]])
+    model.train()  # no dropout anywhere; in eval mode bitsandbytes repacks 4-bit weights for its CPU kernel
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    export_model(model, tokenizer, tmp_path / "merged", dist, merge_lora=True, dtype=torch.float32)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not is_quantized(exported)
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, expected, atol=1e-4), "the export computes what the QLoRA model computes"
+
+    sent = dict(_policy_weights(model))
+    saved = exported.state_dict()
+    assert set(sent) == set(saved), "the weight sync uses the base model's parameter names"
+    assert all(sent[name].shape == saved[name].shape and torch.allclose(sent[name].float(), saved[name], atol=1e-6) for name in saved)
+    assert all(torch.equal(p, packed[name]) for name, p in model.named_parameters() if name in packed), "the 4-bit base is untouched"
+
+    export_model(model, tokenizer, tmp_path / "adapter", dist, merge_lora=False)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "adapter" / "model.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: one line, before any training
 

@@ -745,6 +745,11 @@ def _policy_weights(model):
     """
     import torch
 
+    from distill.students.checkpoint import is_quantized, merged_weights
+
+    if is_quantized(model):  # QLoRA: dequantised and merged without touching the 4-bit base
+        yield from merged_weights(model).items()
+        return
     lora = hasattr(model, "merge_adapter")
     if lora:
         model.merge_adapter()
