@@ -63,6 +63,7 @@ from distill.records import OnBadRow, ParquetSink, TraceRecord, iter_traces
 from distill.rundir import RunDir, write_json
 from distill.teacher.curate import BenchmarkIndex, BenchmarkItem, DuplicateFinder, select
 from distill.verify import Verifier, check_format, check_language, check_repetition, is_truncated
+from distill.verify.length import StudentLength
 
 REASONS = (
     "contaminated", "duplicate", "bad_reference", "truncated", "format", "no_answer", "wrong",
@@ -190,7 +191,7 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
     # near-duplicate signature ------------------------------------------------------------------
     if verifier is not None and tuple(verifier.think_tags) != tuple(cfg.think_tags):
         raise ValueError(f"the verifier passed in splits on {verifier.think_tags}, the config on {cfg.think_tags}")
-    lengths = _student_length(cfg, rundir) if cfg.student else None
+    lengths = StudentLength(cfg.student, cfg.max_seq_len) if cfg.student else None  # training's own count
     benchmarks = BenchmarkIndex(load_benchmarks(cfg.decontaminate, cfg.data_dir), cfg.decontamination_ngram) if cfg.decontaminate else None
     finder = DuplicateFinder(cfg.dedup_threshold, seed=cfg.seed) if cfg.dedup else None
     owned = verifier is None
@@ -358,12 +359,6 @@ def _check_rows(batch: list[TraceRecord], verdicts: list, lengths, cfg: FilterCo
         rows.max_repeats.append(repetition.max_repeats)
         rows.teacher_tokens.append(record.completion_tokens if record.completion_tokens is not None else -1)
         rows.characters.append(len(record.completion))
-
-
-def _student_length(cfg: FilterConfig, rundir: RunDir):
-    from distill.verify.length import StudentLength
-
-    return StudentLength(cfg.student, cfg.max_seq_len)
 
 
 def _write_outputs(cfg: FilterConfig, rundir: RunDir, rows: Verdicts, problem_ids: list[str], pass_rates, contaminated, duplicates) -> None:
