@@ -18,13 +18,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from distill.errors import InputError
 
 SCHEMA_VERSION = 1
 TRACE_GLOB = "traces*.jsonl"  # a generate run dir holds traces.jsonl or traces.shard-I-of-N.jsonl
 OnBadRow = Literal["error", "skip"]
+READ_BATCH = 1024  # Parquet rows decoded at a time when reading
+ROW_GROUP_ROWS = 1024  # Parquet rows per row group when writing: readers stream one group at a time
+ROW_GROUP_BYTES = 64 << 20  # ... and fewer when their text passes this many bytes (32k-token traces)
 
 
 @dataclass
@@ -129,19 +132,25 @@ class ReadResult:
 
 
 def read_traces(path: str | Path, on_bad_row: OnBadRow = "error") -> ReadResult:
-    """All trace records under `path` (JSONL, Parquet, or a run directory with shards)."""
-    records: list[TraceRecord] = []
+    """All trace records under `path` (JSONL, Parquet, or a run directory with shards), in memory;
+    `iter_traces` streams them."""
     skipped: list[str] = []
+    return ReadResult(list(iter_traces(path, on_bad_row, skipped)), skipped)
+
+
+def iter_traces(path: str | Path, on_bad_row: OnBadRow = "error", skipped: list[str] | None = None) -> Iterator[TraceRecord]:
+    """The trace records under `path`, streamed (a few batches of rows in memory at a time). With
+    on_bad_row="skip" a bad row is appended to `skipped` ("file:line: why") and passed over."""
+    skipped = skipped if skipped is not None else []
     for file in trace_files(path):
         for where, row in _rows(file, on_bad_row, skipped):
             try:
-                records.append(record_from_row(row, where))
+                yield record_from_row(row, where)
             except InputError as error:
                 if on_bad_row == "skip":
                     skipped.append(str(error))
                     continue
                 raise InputError(f"{error}; fix the row or pass --on-bad-row skip") from None
-    return ReadResult(records, skipped)
 
 
 def record_from_row(row: dict[str, Any], where: str) -> TraceRecord:
@@ -192,11 +201,14 @@ def _rows(file: Path, on_bad_row: OnBadRow, skipped: list[str]) -> Iterator[tupl
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(file)
+            handle = pq.ParquetFile(file)
         except Exception as error:  # pyarrow raises several types for a bad file
             raise InputError(f"{file}: not a readable Parquet file ({_short(error)})") from None
-        for number, row in enumerate(table.to_pylist(), start=1):
-            yield f"{file}:row {number}", row
+        number = 0
+        for batch in handle.iter_batches(batch_size=READ_BATCH):  # one batch decoded at a time
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{file}:row {number}", row
     elif file.suffix in (".jsonl", ".json"):
         for number, row in iter_jsonl(file, on_bad_row, skipped):
             yield f"{file}:{number}", row
@@ -219,7 +231,8 @@ class TraceWriter:
         self._handle = self.path.open("a", encoding="utf-8")
 
     def done_keys(self) -> set[tuple[str, int]]:
-        return {r.key for r in read_traces(self.path).records} if self.path.stat().st_size else set()
+        """(problem_id, sample_idx) of every record written so far (streamed: only keys are kept)."""
+        return {r.key for r in iter_traces(self.path)} if self.path.stat().st_size else set()
 
     def write(self, records: Iterable[TraceRecord]) -> int:
         lines = [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records]
@@ -269,44 +282,122 @@ def repair_tail(path: Path) -> int:
 
 
 def write_parquet(records: Iterable[TraceRecord], path: str | Path, extra_columns: dict[str, list] | None = None) -> int:
-    """Export records with a `messages` column (list of {role, content}); written atomically."""
+    """Export records with a `messages` column (list of {role, content}); written atomically, in
+    bounded row groups (ParquetSink streams when the records do not all fit in memory)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     records = list(records)
-    message_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-    columns: dict[str, Any] = {
-        "id": pa.array([r.id for r in records], pa.string()),
-        "messages": pa.array([r.messages() for r in records], message_type),
-        "problem_id": pa.array([r.problem_id for r in records], pa.string()),
-        "sample_idx": pa.array([r.sample_idx for r in records], pa.int64()),
-        "problem": pa.array([r.problem for r in records], pa.string()),
-        "answer": pa.array([r.answer for r in records], pa.string()),
-        "completion": pa.array([r.completion for r in records], pa.string()),
-        "source": pa.array([r.source for r in records], pa.string()),
-        "prompt": pa.array([json.dumps(r.prompt) if r.prompt is not None else None for r in records], pa.string()),
-        "finish_reason": pa.array([r.finish_reason for r in records], pa.string()),
-        "prompt_tokens": pa.array([r.prompt_tokens for r in records], pa.int64()),
-        "completion_tokens": pa.array([r.completion_tokens for r in records], pa.int64()),
-        "teacher": pa.array([r.teacher for r in records], pa.string()),
-        "engine": pa.array([r.engine for r in records], pa.string()),
-        "engine_version": pa.array([r.engine_version for r in records], pa.string()),
-        "sampling": pa.array([json.dumps(r.sampling) if r.sampling is not None else None for r in records], pa.string()),
-        "seed": pa.array([r.seed for r in records], pa.int64()),
-        "created_at": pa.array([r.created_at for r in records], pa.string()),
-        "schema": pa.array([r.schema for r in records], pa.int64()),
-    }
-    for name, values in (extra_columns or {}).items():
+    extra_columns = extra_columns or {}
+    for name, values in extra_columns.items():
         if len(values) != len(records):
             raise ValueError(f"extra column {name!r} has {len(values)} values for {len(records)} records")
-        columns[name] = pa.array(values)
-    table = pa.table(columns)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with ParquetSink(path, {name: pa.array(values).type for name, values in extra_columns.items()}) as sink:
+        for start in range(0, len(records), ROW_GROUP_ROWS):
+            end = start + ROW_GROUP_ROWS
+            sink.write(records[start:end], {name: values[start:end] for name, values in extra_columns.items()})
     return len(records)
+
+
+class ParquetSink:
+    """Records (plus extra columns of the given Arrow types) appended to a Parquet file in row
+    groups of at most ROW_GROUP_ROWS rows or about ROW_GROUP_BYTES of text, so neither the writer
+    nor a reader ever holds more than one group. Written to PATH.tmp and renamed on a clean close."""
+
+    def __init__(self, path: str | Path, extra_types: dict[str, Any] | None = None):
+        import pyarrow as pa
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._extra_types = dict(extra_types or {})
+        self._schema = pa.schema([*_record_schema(), *self._extra_types.items()])
+        self._writer: Any = None
+        self._records: list[TraceRecord] = []
+        self._extra: dict[str, list] = {name: [] for name in self._extra_types}
+        self._bytes = 0
+        self.rows = 0
+
+    def write(self, records: Sequence[TraceRecord], extra_columns: dict[str, Sequence] | None = None) -> None:
+        extra_columns = extra_columns or {}
+        if set(extra_columns) != set(self._extra_types):
+            raise ValueError(f"extra columns {sorted(extra_columns)} differ from the sink's {sorted(self._extra_types)}")
+        for name, values in extra_columns.items():
+            if len(values) != len(records):
+                raise ValueError(f"extra column {name!r} has {len(values)} values for {len(records)} records")
+            self._extra[name].extend(values)
+        for record in records:
+            self._records.append(record)
+            self._bytes += len(record.completion) + len(record.problem)
+            if len(self._records) >= ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
+                self._flush(len(self._records))
+
+    def _flush(self, count: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._records:
+            return
+        records, self._records = self._records[:count], self._records[count:]
+        columns = _record_columns(records)
+        for name, kind in self._extra_types.items():
+            columns[name] = pa.array(self._extra[name][:count], kind)
+            self._extra[name] = self._extra[name][count:]
+        self._bytes = sum(len(r.completion) + len(r.problem) for r in self._records)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, self._schema)
+        self._writer.write_table(pa.table(columns, schema=self._schema), row_group_size=len(records))
+        self.rows += len(records)
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._flush(len(self._records))
+        if self._writer is None:  # no rows: still a valid file with the schema
+            self._writer = pq.ParquetWriter(self._tmp, self._schema)
+            self._writer.write_table(pa.table({f.name: pa.array([], f.type) for f in self._schema}, schema=self._schema))
+        self._writer.close()
+        self._tmp.replace(self.path)
+
+    def __enter__(self) -> "ParquetSink":
+        return self
+
+    def __exit__(self, kind, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        if self._writer is not None:  # an error: leave no half-written file behind
+            self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _record_schema() -> list[tuple[str, Any]]:
+    import pyarrow as pa
+
+    message_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    text, integer = pa.string(), pa.int64()
+    return [
+        ("id", text), ("messages", message_type), ("problem_id", text), ("sample_idx", integer), ("problem", text),
+        ("answer", text), ("completion", text), ("source", text), ("prompt", text), ("finish_reason", text),
+        ("prompt_tokens", integer), ("completion_tokens", integer), ("teacher", text), ("engine", text),
+        ("engine_version", text), ("sampling", text), ("seed", integer), ("created_at", text), ("schema", integer),
+    ]  # fmt: skip
+
+
+def _record_columns(records: Sequence[TraceRecord]) -> dict[str, Any]:
+    import pyarrow as pa
+
+    types = dict(_record_schema())
+    values: dict[str, list] = {
+        "id": [r.id for r in records],
+        "messages": [r.messages() for r in records],
+        "prompt": [json.dumps(r.prompt) if r.prompt is not None else None for r in records],
+        "sampling": [json.dumps(r.sampling) if r.sampling is not None else None for r in records],
+    }
+    for name in types:
+        if name not in values:
+            values[name] = [getattr(r, name) for r in records]
+    return {name: pa.array(values[name], types[name]) for name in types}
 
 
 def _short(error: BaseException, limit: int = 120) -> str:

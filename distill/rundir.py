@@ -34,6 +34,7 @@ from distill.errors import ConfigError, DistillError
 CONFIG_FILE = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
+DROP_WARNING_FRACTION = 0.01  # dropping more of a stage's input than this, unasked, is warned about
 
 
 class RunDir:
@@ -59,6 +60,7 @@ class RunDir:
         save_config(config, config_path, sources)
         self.log = _file_logger(stage, self.path / f"{stage}.log")
         self.started = time.time()
+        self.warnings: list[dict[str, Any]] = []  # drop_warning's, written into metrics.json
 
     def say(self, message: str) -> None:
         """Tell the user (stderr, so stdout stays clean for results) and keep it in the log."""
@@ -79,6 +81,18 @@ class RunDir:
         logged after that checkpoint stay (what happened is not erased); the steps redone after
         the mark are logged again and readers count each step by its last record (step_rows)."""
         self.log_metrics({"event": "resume", "step": step})
+
+    def warn_dropped(self, reason: str, count: int, total: int, what: str, fix: str) -> bool:
+        """Say a warning line when more than DROP_WARNING_FRACTION of a stage's input is dropped or
+        rejected for a reason the user may not expect (too long, malformed, skipped), naming the
+        count and the setting to change; keep it for metrics.json ("warnings"). True if it warned."""
+        if total <= 0 or count / total <= DROP_WARNING_FRACTION:
+            return False
+        message = f"warning: {what}: {count:,} of {total:,} ({count / total:.1%}); {fix}"
+        print(message, file=sys.stderr, flush=True)
+        self.log.warning(message)
+        self.warnings.append({"reason": reason, "count": count, "total": total, "fraction": round(count / total, 6), "message": message})
+        return True
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -101,6 +115,8 @@ class RunDir:
     def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
         """Write the final metrics.json atomically, with the stage name and wall time added."""
         data = {"stage": self.stage, "wall_time_s": round(time.time() - self.started, 3), **_jsonable(metrics)}
+        if self.warnings:
+            data["warnings"] = _jsonable(self.warnings)
         return write_json(self.path / METRICS_FILE, data)
 
 

@@ -119,6 +119,10 @@ def test_filter_records_every_verdict_and_the_first_reason(tmp_path, verifier, d
         assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{plot}.png" in report
     assert json.loads((out / "metrics.json").read_text())["accepted"] == 3
+    # Rejections the user may not expect, over 1%: a warning line and a record in metrics.json.
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert [(w["reason"], w["count"], w["total"]) for w in warnings] == [("truncated", 1, 12)]
+    assert "raise max_tokens in distill generate" in warnings[0]["message"] and "warning: traces cut off" in (out / "filter.log").read_text()
 
 
 def test_selection_and_difficulty(tmp_path, verifier):
@@ -200,6 +204,8 @@ def test_bad_rows_error_or_skip(tmp_path, verifier):
         run(config(tmp_path, traces), verifier=verifier)
     metrics = run(config(tmp_path, traces, on_bad_row="skip"), verifier=verifier)
     assert metrics["skipped_rows"] == 2 and metrics["accepted"] == 1
+    warnings = json.loads((tmp_path / "out" / "metrics.json").read_text())["warnings"]
+    assert [(w["reason"], w["count"], w["total"]) for w in warnings] == [("malformed", 2, 3)]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "bad.jsonl:2" in report and "bad.jsonl:3" in report
 

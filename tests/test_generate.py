@@ -125,6 +125,8 @@ def test_bad_rows_stop_before_work_or_are_counted_when_skipped(tiny_qwen, run_cl
     assert code == 0, stderr
     assert json.loads((out / "metrics.json").read_text())["skipped_rows"] == 2
     assert list(traces(out / "traces.jsonl")) == [("a", 0)]
+    assert "warning: problem rows skipped as malformed (on_bad_row=skip): 2 of 3" in stderr  # more than 1% of the input
+    assert [w["reason"] for w in json.loads((out / "metrics.json").read_text())["warnings"]] == ["malformed"]
 
 
 @pytest.mark.parametrize("engine, extra, code, message", [

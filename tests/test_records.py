@@ -89,3 +89,33 @@ def test_run_directory_of_shards(tmp_path):
         read_traces(empty)
     with pytest.raises(InputError, match="missing.jsonl: file not found"):
         read_traces(tmp_path / "missing.jsonl")
+
+
+def test_parquet_is_written_in_bounded_row_groups_and_read_back_streamed(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill import records as records_module
+    from distill.records import ParquetSink, iter_traces
+
+    monkeypatch.setattr(records_module, "ROW_GROUP_ROWS", 100)
+    records = [TraceRecord(f"p{i}", 0, f"problem {i}", str(i), f"<think>x</think> {i}") for i in range(250)]
+    path = tmp_path / "out.parquet"
+    write_parquet(records, path, extra_columns={"n": list(range(250))})
+    handle = pq.ParquetFile(path)
+    assert [handle.metadata.row_group(g).num_rows for g in range(handle.num_row_groups)] == [100, 100, 50]
+    assert [r.problem_id for r in iter_traces(path)] == [f"p{i}" for i in range(250)]
+
+    monkeypatch.setattr(records_module, "ROW_GROUP_BYTES", 200)  # long texts: smaller groups
+    with ParquetSink(tmp_path / "sink.parquet", {"ok": pa.bool_()}) as sink:
+        for start in range(0, 250, 7):
+            sink.write(records[start : start + 7], {"ok": [True] * len(records[start : start + 7])})
+    handle = pq.ParquetFile(tmp_path / "sink.parquet")
+    assert handle.metadata.num_rows == 250 and max(handle.metadata.row_group(g).num_rows for g in range(handle.num_row_groups)) <= 10
+    with ParquetSink(tmp_path / "empty.parquet", {"ok": pa.bool_()}):
+        pass
+    assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
+    with pytest.raises(RuntimeError), ParquetSink(tmp_path / "broken.parquet") as sink:
+        sink.write(records)
+        raise RuntimeError("crash mid-export")
+    assert not list(tmp_path.glob("broken.parquet*")), "no half-written file is left"

@@ -49,3 +49,16 @@ def test_step_rows_count_each_step_once_across_resumes(tmp_path):
     rows = run.step_rows()
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert sum(r["trained_tokens"] for r in rows) == 32 == run.step_total("trained_tokens")
+
+
+def test_drops_over_one_percent_warn_and_are_recorded(tmp_path, capsys):
+    run_dir = RunDir(tmp_path / "run", "train", Cfg())
+    assert not run_dir.warn_dropped("too_long", 1, 100, "sequences dropped, longer than max_seq_len=10", "raise max_seq_len")
+    assert capsys.readouterr().err == ""
+    assert run_dir.warn_dropped("too_long", 2, 100, "sequences dropped, longer than max_seq_len=10", "raise max_seq_len")
+    assert capsys.readouterr().err.strip() == "warning: sequences dropped, longer than max_seq_len=10: 2 of 100 (2.0%); raise max_seq_len"
+    run_dir.write_metrics({"rows": 100})
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["warnings"] == [{"reason": "too_long", "count": 2, "total": 100, "fraction": 0.02,
+                                    "message": "warning: sequences dropped, longer than max_seq_len=10: 2 of 100 (2.0%); raise max_seq_len"}]
+    assert "WARNING warning: sequences dropped" in (tmp_path / "run" / "train.log").read_text()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distill.errors import ConfigError, InputError
@@ -185,6 +186,44 @@ def test_chunked_losses_have_the_gradients_of_full_logit_cross_entropy(tiny_qwen
             assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), (mode, name)
 
 
+def test_empty_micro_batches_never_reach_the_fused_loss(tiny_qwen, monkeypatch):
+    """plan_step pads a rank with fewer micro-batches with empty ones (FSDP's collectives must
+    match); the fused loss kernel must never see them (liger's divides by the row count). The
+    guard returns a zero whose gradient reaches every parameter, so every rank reduces alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.students import logprobs
+    from distill.students.data import Encoded, collate, plan_step
+
+    plan = plan_step([30, 5, 5], [0, 1, 2], world=2, packing=True, micro_batch_tokens=30, micro_batch_size=1)
+    assert [len(p) for p in plan] == [1, 1] and plan[1] == [[1, 2]]
+    plan = plan_step([30, 30, 30], [0, 1, 2], world=2, packing=True, micro_batch_tokens=30, micro_batch_size=1)
+    assert [] in plan[1], "uneven shares: rank 1 runs an empty micro-batch"
+
+    rows_seen = []
+
+    def fused_kernel(hidden, weight, bias, targets, chunk_tokens):  # a stand-in that refuses zero rows, as liger fails on them
+        rows_seen.append(hidden.shape[0])
+        assert hidden.shape[0] > 0, "an empty micro-batch reached the fused loss"
+        return hidden.sum() * 0
+
+    monkeypatch.setattr(logprobs.LinearCrossEntropy, "apply", fused_kernel)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen, attn_implementation="sdpa")
+    for packing in (True, False):
+        batch = collate([], packing, pad_id=0)
+        model.zero_grad()
+        loss = logprobs.summed_nll(model, batch.input_ids, batch.position_ids, batch.targets, batch.attention_mask, fused="auto")
+        loss.backward()
+        assert loss.item() == 0.0 and batch.trained == 0
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters()), "zero gradients, on every parameter"
+    assert rows_seen == []
+    example = Encoded(np.arange(1, 9, dtype=np.int32), np.array([0, 0, 0, 1, 1, 1, 1, 1], dtype=bool))
+    batch = collate([example], True, pad_id=0)
+    logprobs.summed_nll(model, batch.input_ids, batch.position_ids, batch.targets, fused="auto")
+    assert rows_seen == [5], "non-empty micro-batches still take the fused path"
+
+
 def test_one_step_of_8_equals_4_accumulated_micro_batches_of_2(student, data, tmp_path):
     """The loss is the mean over every trained token of the global batch, however the batch is cut
     into micro-batches (padded or packed): same loss and gradient norm for two steps."""
@@ -252,6 +291,7 @@ def test_kill_9_then_rerun_continues_the_same_trajectory(reference, student, dat
     assert cli(*args) == 0  # the same command again resumes
     log = (out / "metrics.jsonl").read_text()
     assert '"event": "resume", "step": 2' in log
+    assert "(built by an earlier launch: not tokenized again)" in (out / "train.log").read_text(), "the resume reads the tokenized cache"
     expected, resumed = step_records(reference), step_records(out)
     assert [resumed[s]["loss"] for s in (1, 2, 3, 4)] == pytest.approx([expected[s]["loss"] for s in (1, 2, 3, 4)], rel=1e-6, abs=0)
     final, reference_final = weights(out / "model"), weights(reference / "model")
@@ -270,6 +310,9 @@ def test_two_cpu_processes_with_fsdp_match_one_process(reference, student, data,
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4, abs=0)
         assert two[step]["tokens"] == one[step]["tokens"]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    # One cache, built by rank 0 and memory-mapped by both ranks (rank 1 never tokenizes: it is
+    # handed the folder), and the losses above are computed from it.
+    assert len(list((out / "tokenized").iterdir())) == 1 and (out / "train.log").read_text().count("tokenized data:") == 1
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None  # FSDP shards gathered into one directory
@@ -294,6 +337,62 @@ def test_lora_merged_at_export_or_kept_as_an_adapter(student, data, tmp_path):
         from_merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
         with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), adapter_dir)(ids).logits
     assert torch.allclose(from_merged, with_adapter, atol=1e-5), "merged weights equal base + adapter"
+
+
+def test_qlora_export_and_weight_sync_dequantize_and_merge(student, tmp_path):
+    """A 4-bit (bitsandbytes NF4) base with a LoRA adapter: the export writes plain weights (the
+    base dequantised, the adapter merged in full precision) that transformers loads without
+    bitsandbytes and that compute what the QLoRA model computes; GRPO's weight sync sends the same
+    tensors under the base model's names; the 4-bit base is left untouched. bitsandbytes runs
+    4-bit layers on CPU since 0.48; QLoRA *training* stays GPU-only (load_student refuses it on CPU)."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the [gpu] extra); its CPU backend runs this test")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from distill.students.checkpoint import export_model, is_quantized
+    from distill.students.grpo import _policy_weights
+    from distill.students.parallel import Dist
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    shape = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(shape).save_pretrained(tmp_path / "base")  # 4-bit blocks of 64 need rows of at least 64
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map={"": "cpu"})
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)  # a trained adapter (B starts at zero)
+    assert is_quantized(model)
+    packed = {name: p.detach().clone() for name, p in model.named_parameters() if hasattr(p, "quant_state")}
+    ids = torch.tensor([[5, 17, 30, 41, 9, 22, 3]])
+    model.train()  # no dropout anywhere; in eval mode bitsandbytes repacks 4-bit weights for its CPU kernel
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    export_model(model, tokenizer, tmp_path / "merged", dist, merge_lora=True, dtype=torch.float32)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not is_quantized(exported)
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, expected, atol=1e-4), "the export computes what the QLoRA model computes"
+
+    sent = dict(_policy_weights(model))
+    saved = exported.state_dict()
+    assert set(sent) == set(saved), "the weight sync uses the base model's parameter names"
+    assert all(sent[name].shape == saved[name].shape and torch.allclose(sent[name].float(), saved[name], atol=1e-6) for name in saved)
+    assert all(torch.equal(p, packed[name]) for name, p in model.named_parameters() if name in packed), "the 4-bit base is untouched"
+
+    export_model(model, tokenizer, tmp_path / "adapter", dist, merge_lora=False)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "adapter" / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +438,14 @@ def test_dropped_and_truncated_sequences_are_reported(student, data, tmp_path):
         log = (out / "train.log").read_text()
         lengths.append(metrics["sequences"])
         if too_long == "drop":
-            assert metrics["dropped_too_long"] > 0 and f"dropped {metrics['dropped_too_long']} sequences longer than max_seq_len=100" in log
+            dropped = metrics["dropped_too_long"]
+            assert dropped > 0 and f"warning: sequences dropped, longer than max_seq_len=100 (too_long=drop): {dropped} of 24" in log
+            assert "raise max_seq_len" in log
+            warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+            assert [(w["reason"], w["count"], w["total"]) for w in warnings] == [("too_long", dropped, 24)]
         else:
-            assert metrics["truncated"] > 0 and metrics["dropped_too_long"] == 0 and "truncated" in log
+            assert metrics["truncated"] > 0 and metrics["dropped_too_long"] == 0 and "warning: sequences truncated to max_seq_len=100" in log
+            assert [w["reason"] for w in json.loads((out / "metrics.json").read_text())["warnings"]] == ["truncated"]
     assert lengths[1] == 24 > lengths[0]
 
 
@@ -350,3 +454,94 @@ def test_rerunning_a_finished_run_does_nothing(reference, student, data, capsys)
     assert cli(*train_args(student, data, reference, "max_steps=4")) == 0
     assert "already trained (4 steps)" in capsys.readouterr().err
     assert (reference / "metrics.jsonl").read_text() == before
+
+
+def test_the_data_is_tokenized_once_and_memory_mapped(student, data, tmp_path, monkeypatch):
+    """A second launch on the same data (another run directory, same data_cache) reads the cache
+    and tokenizes nothing; a change that alters the token ids (max_seq_len) builds a new cache."""
+    from distill.students import data as data_module
+    from distill.students.data import TokenizedData
+    from distill.students.sft import TrainConfig, run
+
+    calls = []
+    tokenize = data_module.tokenize_segments
+    monkeypatch.setattr(data_module, "tokenize_segments", lambda batch, tokenizer: calls.append(len(batch)) or tokenize(batch, tokenizer))
+    cache = tmp_path / "cache"
+    common = dict(student=str(student), data=str(data), max_steps=1, save_every=100, data_cache=str(cache))
+    first = run(TrainConfig(out=tmp_path / "a", **common))
+    assert sum(calls) == 24
+    second = run(TrainConfig(out=tmp_path / "b", **common))
+    assert sum(calls) == 24, "the second launch tokenized again"
+    assert first["first_loss"] == second["first_loss"] and first["sequences"] == second["sequences"] == 24
+    folder = next(cache.iterdir())
+    mapped = TokenizedData(folder)
+    assert isinstance(mapped.input_ids, np.memmap) and len(mapped) == 24 and mapped.tokens == int(mapped.lengths.sum())
+    run(TrainConfig(out=tmp_path / "c", max_seq_len=200, **common))
+    assert sum(calls) == 48 and len(list(cache.iterdir())) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# the filter's length check is the training tokenization
+
+
+def test_a_trace_the_filter_accepts_is_never_dropped_by_training(student, tmp_path, monkeypatch):
+    """`distill filter --student P` counts lengths with training's own template and tokenization
+    and the max_seq_len training uses: for a model directory, exactly the traces the filter calls
+    too long are the ones training drops; for a preset, the filter uses the smallest max_seq_len
+    of its plans (here one GPU's), so nothing it accepts is dropped on any GPU count."""
+    from distill.students.presets import PRESETS
+    from distill.students.sft import TrainConfig, run as train
+    from distill.teacher.filter import FilterConfig, run as filter_traces
+    from distill.verify import Verifier
+
+    rng = random.Random(1)
+    rows = []
+    for index in range(24):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        steps = " ".join(f"step{k}" for k in range(rng.randint(5, 200)))
+        rows.append({"problem_id": f"q{index}", "sample_idx": 0, "problem": f"What is {a}+{b}?", "answer": str(a + b),
+                     "completion": f"<think>\n{steps}\n</think>\n\nThe answer is \\boxed{{{a + b}}}."})
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    preset = {"model": str(student), "params_b": 0.0001, "source": "test",
+              "config": {"chat_template": "chatml-think", "max_seq_len": 900}, "memory_plan": {1: {"max_seq_len": 600}, 2: {}}}  # fmt: skip
+    monkeypatch.setitem(PRESETS, "tiny-char", preset)
+
+    with Verifier(workers=1) as verifier:
+        for name, limit in ((str(student), 1024), ("tiny-char", 600)):
+            out = tmp_path / f"filter-{len(name)}"
+            metrics = filter_traces(FilterConfig(traces=traces, out=out, student=name, decontaminate=(), dedup=False, plots=False), verifier=verifier)
+            too_long = metrics["check_failures"].get("too_long", 0)
+            assert 0 < too_long < 24 and metrics["accepted"] == 24 - too_long, (name, metrics)
+            assert json.loads((out / "stats.json").read_text())["max_seq_len"] == limit
+            trained = train(TrainConfig(student=name, data=str(out), out=tmp_path / f"train-{len(name)}", max_steps=1, global_batch=4, save_every=100))
+            assert trained["dropped_too_long"] == 0 and trained["sequences"] == metrics["accepted"], name
+            if name == str(student):  # the same limit on both sides: the same traces are too long
+                unfiltered = train(TrainConfig(student=name, data=str(traces), out=tmp_path / "train-all", max_steps=1, global_batch=4, save_every=100))
+                assert unfiltered["dropped_too_long"] == too_long
+
+
+def test_two_processes_load_without_a_full_copy_on_every_rank(tmp_path):
+    """parallel.load_sharded: rank 0 reads the weights, rank 1 receives only its shards. Each
+    rank's peak resident memory while loading, over its resident memory before: rank 0 holds the
+    whole fp32 model once; rank 1 stays well under it (about half: its shard). The gathered weights
+    equal the saved ones (the losses of the loading path: test_two_cpu_processes_with_fsdp...)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                         num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    size = sum(p.numel() for p in model.parameters()) * 4  # fp32 bytes, about 170 MB
+    model.save_pretrained(tmp_path / "model")
+    del model
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "fsdp_load_worker.py"), str(tmp_path / "model"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["weights_equal"] is True
+    assert ranks[0]["local_params"] + ranks[1]["local_params"] == size // 4 and ranks[1]["local_params"] < 0.55 * size // 4
+    assert ranks[0]["rss_growth"] > 0.9 * size, "rank 0 reads the whole model (the measurement sees a full copy)"
+    assert ranks[1]["rss_growth"] < 0.8 * size, f"rank 1 grew by {ranks[1]['rss_growth'] / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"

@@ -77,3 +77,29 @@ def test_lr_warms_up_then_decays_to_its_floor():
     assert all(a >= b for a, b in zip(factors[3:], factors[4:])) and factors[-1] == pytest.approx(0.1)
     assert lr_factor(50, 100, 0, "linear", 0.0) == pytest.approx(1 - 50 / 99)
     assert lr_factor(99, 100, 0, "constant", 0.1) == 1.0
+
+
+def test_host_memory_counts_one_full_copy_per_node_and_the_offloaded_states():
+    from distill.students.presets import check_host_memory, estimate_host_memory_gb
+
+    params = PRESETS["llama-70b"]["params_b"] * 1e9
+    # Full fine-tuning on 8 GPUs of a node: rank 0 alone reads the fp32 weights (263 GiB), the
+    # other ranks receive their shards; before, every rank loaded a copy (8 x 263 GiB = 2.1 TiB).
+    full = estimate_host_memory_gb(params, 64, 8, load_bytes=4, device_states_gb=estimate("llama-70b", 64)["states"], on_gpu=True, cpu_offload=False)
+    assert full["full_copy"] == pytest.approx(params * 4 / 2**30) and full["node"] == full["full_copy"] < 8 * params * 4 / 2**30 / 7
+    # CPU offload on 16 GPUs: each rank's share of the 16 B/param states lives in host memory too.
+    states = estimate("llama-70b", 16, cpu_offload=False)["states"]
+    offload = estimate_host_memory_gb(params, 16, 8, load_bytes=4, device_states_gb=states, on_gpu=True, cpu_offload=True)
+    assert offload["node"] == pytest.approx(params * 4 / 2**30 + 8 * states)
+    with pytest.raises(ConfigError, match=r"not enough host memory on this node: .*one full copy of the weights \(263\.0 GiB, on rank 0\).*8 processes"):
+        check_host_memory(offload, 700.0, 8)
+    check_host_memory(full, 1000.0, 8)
+    # One CPU process trains on the copy it loaded: not counted twice.
+    assert estimate_host_memory_gb(1e6, 1, 1, load_bytes=4, device_states_gb=0.5, on_gpu=False, cpu_offload=False)["node"] == 0.5
+
+
+def test_the_filter_checks_lengths_against_the_smallest_plan_of_a_preset():
+    from distill.students.presets import preset_limits
+
+    assert preset_limits("llama-70b") == (16384, "preset llama-70b's plan for 1 GPU")
+    assert preset_limits("qwen-7b") == (32768, "preset qwen-7b")

@@ -194,12 +194,18 @@ def export_model(
     `model` is the trained causal LM (plain, peft-wrapped, or FSDP-sharded; not a Scorer). With
     peft and merge_lora=False only the adapter is written (load it with peft). Returns OUT on
     rank 0, None elsewhere; all ranks must call it."""
-    state = full_state_dict(model, dist)
+    quantized = is_quantized(model)
+    state = {} if quantized else full_state_dict(model, dist)
     out = Path(out)
     if dist.is_main:
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        rebuilt = _rebuild_on_meta(model, state)
+        if quantized and not merge_lora:  # QLoRA's adapter alone: peft writes it from the live model
+            rebuilt = model
+        elif quantized:  # QLoRA: the 4-bit base dequantized, the adapter merged in full precision
+            rebuilt = _rebuild_on_meta(model, merged_weights(model), plain=True)
+        else:
+            rebuilt = _rebuild_on_meta(model, state)
         if hasattr(rebuilt, "merge_and_unload") and merge_lora:
             rebuilt = rebuilt.merge_and_unload()
         if dtype is not None:
@@ -215,15 +221,22 @@ def export_model(
     return out if dist.is_main else None
 
 
-def _rebuild_on_meta(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh copy of `model`'s architecture holding `state` (tensors assigned, not copied)."""
+def _rebuild_on_meta(model: nn.Module, state: dict[str, torch.Tensor], plain: bool = False) -> nn.Module:
+    """A fresh copy of `model`'s architecture holding `state` (tensors assigned, not copied).
+    plain=True: the base model alone, unquantised (for `merged_weights`, LoRA already merged)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     peft_config = getattr(model, "peft_config", None)
     base = model.get_base_model() if peft_config else model
+    config = copy.deepcopy(base.config)
+    for name in ("quantization_config", "_pre_quantization_dtype"):  # the export holds plain weights
+        if hasattr(config, name):
+            delattr(config, name)
     with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(base.config)
-    if peft_config:
+        fresh = AutoModelForCausalLM.from_config(config)
+    if peft_config and not plain:
         from peft import get_peft_model
 
         with torch.device("meta"):
@@ -239,3 +252,46 @@ def _rebuild_on_meta(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
 
 def _is_tied(model: nn.Module, key: str) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: bitsandbytes 4-bit weights
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model holding bitsandbytes 4-bit weights (QLoRA)."""
+    return any(hasattr(p, "quant_state") for p in model.parameters())
+
+
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a QLoRA model as plain tensors under the base model's names: every 4-bit
+    weight dequantized (bitsandbytes `dequantize_4bit`), and for a peft model each LoRA layer's
+    delta (`get_delta_weight`: B @ A * scaling) added in full precision. Nothing is modified in
+    place: peft's `merge_adapter` on a 4-bit layer would requantise the sum and so move the
+    frozen base a little at every call. Shared by the export and GRPO's weight sync to vLLM.
+    One process only (QLoRA is never sharded). Weights come out in the 4-bit layers' compute
+    dtype (bf16 under QLoRA on GPU), other tensors as stored."""
+    import bitsandbytes.functional as bnb_functional
+
+    from distill.students.logprobs import causal_lm
+
+    lm = causal_lm(model)
+    raw = lm.state_dict(keep_vars=True)
+    quantized = {key for key, value in raw.items() if hasattr(value, "quant_state")}
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, value in raw.items():
+            if "lora_" in key or key.partition(".weight.")[0] + ".weight" in quantized and key not in quantized:
+                continue  # adapters (added below) and the quantisation statistics of 4-bit weights
+            if key in quantized:
+                value = bnb_functional.dequantize_4bit(value.data, value.quant_state).to(value.quant_state.dtype)
+            state[key.replace(".base_layer.", ".")] = value.detach()
+        for name, module in lm.named_modules():
+            if not hasattr(module, "get_delta_weight") or getattr(module, "merged", False):
+                continue
+            weight = state[f"{name}.weight"]
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            state[f"{name}.weight"] = weight
+    return state

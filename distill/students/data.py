@@ -271,12 +271,19 @@ class EncodedDataset:
 
 def encode_dataset(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str = "drop", progress: bool = True) -> EncodedDataset:
     """Encode every conversation (a stream: only token ids are kept); sequences over `max_len`
-    tokens are dropped or truncated (`too_long`), and counted either way."""
+    tokens are dropped or truncated (`too_long`), and counted either way. In memory; `distill
+    train` writes the same examples to a memory-mapped cache instead (`tokenize_to_cache`)."""
+    result = EncodedDataset(examples=[], rows=0)
+    result.examples.extend(_encode_stream(conversations, tokenizer, template, max_len, too_long, result, progress))
+    return result
+
+
+def _encode_stream(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str, result: EncodedDataset, progress: bool) -> Iterator[Encoded]:
+    """The examples to train on, one at a time; `result` counts rows, drops and truncations."""
     from itertools import islice
 
     from tqdm.auto import tqdm
 
-    result = EncodedDataset(examples=[], rows=0)
     bar = tqdm(desc="tokenize", unit="row", disable=not progress, leave=False)
     stream = iter(conversations)
     while chunk := list(islice(stream, 512)):
@@ -294,10 +301,120 @@ def encode_dataset(conversations: Iterable[Conversation], tokenizer, template, m
             if not example.loss_mask[1:].any():
                 result.dropped_untrained += 1
                 continue
-            result.examples.append(example)
+            yield example
         bar.update(len(chunk))
     bar.close()
-    return result
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenized cache: tokenize once, memory-map everywhere
+
+CACHE_FORMAT = 1
+
+
+class TokenizedData:
+    """An encoded dataset on disk (`tokenize_to_cache`), memory-mapped: every rank, launch and
+    resume reads the same files, and pages of token ids are loaded only when a batch needs them.
+    Files: input_ids.bin (int32) and loss_mask.bin (bool), every example end to end;
+    offsets.npy ((N+1,) int64); trained.npy ((N,) int64, trained targets per example);
+    meta.json (rows read, drops, truncations, skipped rows, render notes). Indexing gives Encoded
+    views; `examples` is the object itself (the EncodedDataset interface)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
+        self.offsets = np.load(self.folder / "offsets.npy")
+        self.trained = np.load(self.folder / "trained.npy")
+        total = int(self.offsets[-1])
+        self.input_ids = np.memmap(self.folder / "input_ids.bin", np.int32, "r") if total else np.zeros(0, np.int32)
+        self.loss_mask = np.memmap(self.folder / "loss_mask.bin", np.bool_, "r") if total else np.zeros(0, bool)
+        self.rows: int = meta["rows"]
+        self.dropped_too_long: int = meta["dropped_too_long"]
+        self.truncated: int = meta["truncated"]
+        self.dropped_untrained: int = meta["dropped_untrained"]
+        self.skipped_rows: list[str] = meta["skipped_rows"]
+        self.notes = RenderNotes(**meta["notes"])
+        self.tokens: int = total
+        self.trained_tokens: int = meta["mask_sum"]
+
+    @property
+    def examples(self) -> "TokenizedData":
+        return self
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> Encoded:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return Encoded(self.input_ids[start:end], self.loss_mask[start:end])
+
+    def __iter__(self) -> Iterator[Encoded]:
+        return (self[i] for i in range(len(self)))
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """The folder name of a cache: a digest of everything the token ids depend on."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:24]
+
+
+def data_fingerprint(source: str | Path, split: str) -> dict[str, Any]:
+    """What identifies the training data without reading it: a file's (or a filter run's
+    accepted.parquet's) path, size and modification time; a hub dataset's name and split."""
+    path = Path(source)
+    if path.is_dir() and (path / "accepted.parquet").is_file():
+        path = path / "accepted.parquet"
+    if path.is_file():
+        stat = path.stat()
+        return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"dataset": str(source), "split": split}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of the tokenizer's vocabulary, merges, normalisation and special tokens."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text += json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenize_to_cache(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str, folder: str | Path,
+                      skipped: list[str] | None = None, progress: bool = True) -> TokenizedData:  # fmt: skip
+    """Encode a stream of conversations straight into the files of a TokenizedData (nothing but
+    one chunk is held in memory), written into FOLDER.partial and renamed when complete."""
+    import shutil
+
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    counts = EncodedDataset(examples=[], rows=0)
+    offsets, trained, mask_sum = [0], [], 0
+    with (partial / "input_ids.bin").open("wb") as ids_file, (partial / "loss_mask.bin").open("wb") as mask_file:
+        for example in _encode_stream(conversations, tokenizer, template, max_len, too_long, counts, progress):
+            ids_file.write(np.ascontiguousarray(example.input_ids, dtype=np.int32).tobytes())
+            mask_file.write(np.ascontiguousarray(example.loss_mask, dtype=np.bool_).tobytes())
+            offsets.append(offsets[-1] + len(example))
+            trained.append(int(example.loss_mask[1:].sum()))
+            mask_sum += int(example.loss_mask.sum())
+    np.save(partial / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(partial / "trained.npy", np.asarray(trained, dtype=np.int64))
+    meta = {
+        "rows": counts.rows, "dropped_too_long": counts.dropped_too_long, "truncated": counts.truncated,
+        "dropped_untrained": counts.dropped_untrained, "skipped_rows": list(skipped or []),
+        "notes": {"prefill_missing": counts.notes.prefill_missing, "prefill": counts.notes.prefill}, "mask_sum": mask_sum,
+    }  # fmt: skip
+    (partial / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return TokenizedData(folder)
 
 
 def shifted_targets(example: Encoded) -> np.ndarray:

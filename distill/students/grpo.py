@@ -277,7 +277,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     from distill.students import rl
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
-    from distill.students.parallel import shard
+    from distill.students.parallel import load_sharded
     from distill.students.rl import PolicyScorer
     from distill.students.sft import export_dtype, build_optimizer, generation_config, load_student, lr_factor, processes, resolve_student, student_model_id, student_name
     from distill.teacher.prompts import full_completion, render_prompt
@@ -311,6 +311,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     problems = loaded.problems
     if loaded.skipped:
         say(f"skipped {len(loaded.skipped)} bad rows of {cfg.data}; first: {loaded.skipped[0]}")
+        if run_dir is not None:
+            run_dir.warn_dropped("malformed", len(loaded.skipped), len(problems) + len(loaded.skipped), "problem rows skipped as malformed (on_bad_row=skip)", "fix those rows (the first is named above)")
     if not any(_reference(p) for p in problems):
         raise InputError(f"{cfg.data}: no problem has a reference answer; the GRPO reward needs one (an 'answer' field)")
     say(f"{len(problems)} problems, {sum(1 for p in problems if not _reference(p))} without a reference (never rewarded)")
@@ -328,12 +330,13 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     template = resolve_template(cfg.chat_template, tokenizer, cfg.end_of_turn)
     apply_template(tokenizer, template)  # prompts render with it; generation stops at its end of turn
     say(f"student {model_id}; chat template '{template.name}'")
-    model = load_student(model_id, hf_config, cfg, dist)
-    policy = shard(PolicyScorer(model, cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
+    # Rank 0 reads the weights; the other ranks receive only their shards (parallel.load_sharded).
+    policy = load_sharded(lambda meta: load_student(model_id, hf_config, cfg, dist, meta=meta), lambda lm: PolicyScorer(lm, cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
+    model = policy.model
     _disable_dropout(policy)  # old and new log-probs must come from the same function, not two dropout masks
     reference = None
     if cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the base: the adapter switched off
-        reference = shard(PolicyScorer(load_student(model_id, hf_config, cfg, dist), cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
+        reference = load_sharded(lambda meta: load_student(model_id, hf_config, cfg, dist, meta=meta), lambda lm: PolicyScorer(lm, cfg.loss_chunk_tokens), dist, cfg.cpu_offload)
         reference.requires_grad_(False)
         _disable_dropout(reference)
     parameters = [p for p in policy.parameters() if p.requires_grad]
@@ -748,6 +751,11 @@ def _policy_weights(model):
     """
     import torch
 
+    from distill.students.checkpoint import is_quantized, merged_weights
+
+    if is_quantized(model):  # QLoRA: dequantised and merged without touching the 4-bit base
+        yield from merged_weights(model).items()
+        return
     lora = hasattr(model, "merge_adapter")
     if lora:
         model.merge_adapter()

@@ -86,9 +86,14 @@ def logprobs_from_hidden(hidden, head: nn.Module, targets, chunk_tokens: int = 1
     if pieces:
         values = torch.cat(pieces)
     else:  # nothing to score: still touch every parameter, so all ranks reduce the same gradients
-        values = rows.new_zeros(0, dtype=torch.float32) + (hidden.sum() + head.weight.sum()).float() * 0
+        values = rows.new_zeros(0, dtype=torch.float32) + _touch_zero(hidden, head)
     out = values.new_zeros(batch * length).index_put((picked,), values)
     return out.view(batch, length)
+
+
+def _touch_zero(hidden, head: nn.Module):
+    """A float32 scalar zero whose graph reaches the decoder (through `hidden`) and the LM head."""
+    return (hidden.sum() + head.weight.sum()).float() * 0
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -156,6 +161,11 @@ def summed_nll(model: nn.Module, input_ids, position_ids, targets, attention_mas
         raise MissingDependency("liger-kernel", "gpu", "fused_loss=liger (a CUDA device and liger-kernel)")
     if fused != "chunked" and not softcap and torch.is_grad_enabled():
         rows, wanted, _ = _rows_with_targets(hidden, targets)
+        if rows.shape[0] == 0:
+            # An empty micro-batch (plan_step pads ranks that have fewer, so FSDP's collectives
+            # match): no fused kernel sees zero rows (liger's divides by the row count). A zero
+            # that touches the decoder and the head still sends every rank the same gradients.
+            return _touch_zero(hidden, head)
         liger = _liger(required=fused == "liger") if hidden.is_cuda else None
         if liger is not None:
             # One dtype for the kernel: under autocast the hidden states are bf16, the weight fp32.

@@ -22,7 +22,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -131,6 +131,43 @@ def shard(module: nn.Module, dist: Dist, cpu_offload: bool = False) -> nn.Module
             fully_shard(sub, mesh=mesh, mp_policy=policy, offload_policy=offload)
     # The root's parameters stay gathered after forward: the backward needs them at once.
     fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return module
+
+
+def load_sharded(build: Callable[[bool], nn.Module], wrap: Callable[[nn.Module], nn.Module], dist: Dist, cpu_offload: bool = False) -> nn.Module:
+    """`wrap(build(meta))`, FSDP2-sharded, without a full copy of the model on every rank.
+
+    `build(False)` builds the real model (weights read from disk in the target dtype) and
+    `build(True)` the same modules on the meta device (no memory). One process: the real model,
+    moved to its device. Several: rank 0 alone builds the real model; every rank (rank 0 too)
+    shards a meta copy and allocates only its own shards (`to_empty`); then rank 0's tensors are
+    broadcast one at a time and each rank keeps its slice (torch.distributed.checkpoint's
+    `set_model_state_dict` with `broadcast_from_rank0`, the path torchtitan and accelerate take).
+    Buffers (rotary frequencies are not in the state dict) are broadcast from rank 0 as well.
+    So a node holds one full copy (rank 0's, freed once loaded) plus one shard per rank.
+    """
+    if not dist.distributed:
+        return shard(wrap(build(False)), dist, cpu_offload)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    source: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if dist.is_main:
+        full = wrap(build(False))
+        source = full.state_dict()
+        buffers = dict(full.named_buffers())
+        del full
+    module = shard(wrap(build(True)), dist, cpu_offload)
+    module.to_empty(device="cpu" if cpu_offload else dist.device)
+    set_model_state_dict(module, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            carrier = buffers[name].to(buffer.device, buffer.dtype) if dist.is_main else buffer
+            if carrier.device.type == "cpu" and dist.device.type == "cuda":  # NCCL moves GPU tensors only
+                carrier = carrier.to(dist.device)
+            torch.distributed.broadcast(carrier, src=0)
+            buffer.copy_(carrier)
+    del source, buffers
     return module
 
 

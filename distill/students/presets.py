@@ -113,6 +113,18 @@ def preset_values(name: str, gpus: int = 0) -> dict[str, Any]:
     return values
 
 
+def preset_limits(name: str) -> tuple[int, str] | None:
+    """The smallest max_seq_len a preset trains with on any GPU count (its config's, or a memory
+    plan's), and where it comes from: what `distill filter --student` checks lengths against.
+    None when the preset sets none (training then uses the model's context)."""
+    preset = PRESETS[name]
+    found = [(int(preset["config"]["max_seq_len"]), f"preset {name}")] if preset["config"].get("max_seq_len") else []
+    for gpus, plan in sorted(preset["memory_plan"].items()):
+        if plan.get("max_seq_len"):
+            found.append((int(plan["max_seq_len"]), f"preset {name}'s plan for {gpus} GPU{'s' if gpus > 1 else ''}"))
+    return min(found, key=lambda item: item[0]) if found else None
+
+
 def memory_plan(name: str, gpus: int) -> dict[str, Any]:
     plans = PRESETS[name]["memory_plan"]
     fitting = [count for count in plans if count <= gpus]
@@ -156,6 +168,34 @@ def estimate_memory_gb(
     logits = 2 * min(tokens, chunk_tokens) * vocab * 4
     activations = saved + one_block + logits
     return {"states": states / gib, "activations": activations / gib, "total": (states + activations) / gib}
+
+
+def estimate_host_memory_gb(params: float, world: int, local_world: int, *, load_bytes: int, device_states_gb: float, on_gpu: bool, cpu_offload: bool) -> dict[str, float]:
+    """Host (CPU) memory one node needs (GiB): `full_copy`, the one full copy of the weights that
+    loading holds (rank 0's, in the load dtype, `load_bytes` per parameter; a single CPU process
+    trains on it, so it is not counted twice there) and `per_rank`, what each of the node's
+    `local_world` processes keeps in host memory while training: everything on CPU
+    (`device_states_gb` is then the whole per-rank estimate), the offloaded states with CPU offload
+    on GPUs, else nothing worth counting. `node` = full_copy + local_world * per_rank."""
+    gib = 2**30
+    full_copy = 0.0 if (not on_gpu and world == 1) else params * load_bytes / gib
+    if not on_gpu:
+        per_rank = device_states_gb
+    elif cpu_offload:
+        per_rank = device_states_gb
+    else:
+        per_rank = 0.0
+    return {"full_copy": full_copy, "per_rank": per_rank, "node": full_copy + local_world * per_rank}
+
+
+def check_host_memory(estimate: dict[str, float], available_gb: float, local_world: int) -> None:
+    """Refuse, with the fix, a plan whose host memory exceeds what this node has free."""
+    if estimate["node"] > available_gb:
+        raise ConfigError(
+            f"not enough host memory on this node: loading holds one full copy of the weights ({estimate['full_copy']:.1f} GiB, on rank 0) "
+            f"and each of its {local_world} processes keeps {estimate['per_rank']:.1f} GiB, about {estimate['node']:.1f} GiB in all; "
+            f"{available_gb:.1f} GiB are free; use lora=true, fewer processes per node, or a node with more memory (check_memory=false tries anyway)"
+        )
 
 
 def check_memory(estimate: dict[str, float], available_gb: float, where: str, plan: str) -> None:

@@ -30,8 +30,14 @@ per step) and metrics.json. The loop below is the whole algorithm; the choices i
 - Checkpoints every `save_every` steps and at the end (students/checkpoint.py): weights,
   optimiser, scheduler, data position and RNG; a rerun of the same command resumes.
 
-Simplifications: every rank reads and tokenizes the whole dataset (deterministic, so no
-broadcast is needed); no sequence parallelism, so one sequence must fit on one device; no
+- Data: tokenized once, by rank 0, into a memory-mapped cache (students/data.py `TokenizedData`,
+  RUN_DIR/tokenized or `data_cache`) keyed by the data's fingerprint, tokenizer, template and
+  max_seq_len; every rank, rerun and resume reads it. Weights: rank 0 reads them, the other ranks
+  receive only their shards (students/parallel.py `load_sharded`); the memory check counts the
+  host memory of a node (one full copy while loading) as well as the device's.
+
+Simplifications: the cache is built by rank 0 alone while the others wait (the process group's
+timeout, 60 minutes, bounds it); no sequence parallelism, so one sequence must fit on one device; no
 evaluation during training (`distill eval` does that on the exported model).
 """
 
@@ -48,7 +54,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 from distill.config import Loaded, load_config
 from distill.errors import ConfigError, InputError, MissingDependency
-from distill.students.presets import PRESETS, check_memory, estimate_memory_gb, is_preset, preset_values
+from distill.students.presets import PRESETS, check_host_memory, check_memory, estimate_host_memory_gb, estimate_memory_gb, is_preset, preset_values
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class TrainConfig:
     too_long: Literal["drop", "truncate"] = "drop"  # sequences over max_seq_len
     on_bad_row: Literal["error", "skip"] = "error"  # rows with no assistant turn or malformed messages
     data_split: str = "train"  # for hub datasets
+    data_cache: Optional[str] = None  # folder of tokenized caches (shared by runs on the same data); default RUN_DIR/tokenized
     # model
     rope_theta: Optional[float] = None  # raise the RoPE base (Qwen2.5-Math presets: 300000)
     max_position_embeddings: Optional[int] = None
@@ -168,9 +175,9 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from distill.rundir import RunDir
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
-    from distill.students.data import collate, encode_dataset, epoch_order, iter_conversations, plan_step
+    from distill.students.data import collate, epoch_order, plan_step
     from distill.students.logprobs import Scorer
-    from distill.students.parallel import peak_memory_gb, shard
+    from distill.students.parallel import load_sharded, peak_memory_gb
 
     # ---- cheap checks first: the data is there and its first row is a conversation, before any
     # model is looked for (a missing file is reported as such, not as an unreachable hub) ------
@@ -199,29 +206,31 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     model_id, hf_config = resolve_student(cfg.student)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     template = resolve_template(cfg.chat_template, tokenizer, cfg.end_of_turn)
-    max_len = cfg.max_seq_len or min(getattr(hf_config, "max_position_embeddings", 32768) or 32768, 32768)
+    max_len = cfg.max_seq_len or default_max_seq_len(hf_config)
     positions = cfg.max_position_embeddings or getattr(hf_config, "max_position_embeddings", None)
     if positions and max_len > positions:
         say(f"warning: max_seq_len {max_len} exceeds the model's {positions} positions; raise rope_theta and max_position_embeddings as the Qwen2.5-Math presets do")
     say(f"student {model_id}; chat template '{template.name}' (assistant turns end with {template.end_of_turn!r}); max {max_len} tokens")
 
     # ---- data: conversations -> token ids + loss mask -----------------------------------------
-    skipped: list[str] = []
-    conversations = iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped)
-    dataset = encode_dataset(conversations, tokenizer, template, max_len, cfg.too_long, progress=dist.is_main)
-    dataset.skipped_rows = skipped
+    dataset = _tokenized(cfg, tokenizer, template, max_len, dist, say)  # once, memory-mapped by every rank
+    skipped = dataset.skipped_rows
     if not dataset.rows:
         raise InputError(f"{cfg.data}: no training rows{f' ({len(skipped)} skipped as malformed)' if skipped else ''}; check the file")
     for line in _data_report(dataset, max_len, cfg.too_long):
         say(line)
+    read = dataset.rows + len(skipped)
+    for reason, count, what, fix in _data_drops(dataset, max_len):
+        if count and run_dir is not None and not run_dir.warn_dropped(reason, count, read, what, fix):
+            say(f"{what}: {count:,} of {read:,}")
     if not dataset.examples:
         raise InputError(
             f"{cfg.data}: none of the {dataset.rows} rows is left to train on "
             f"({dataset.dropped_too_long} longer than max_seq_len={max_len}); raise max_seq_len or pass too_long=truncate"
         )
     examples = dataset.examples
-    lengths = [len(e) for e in examples]
-    trained_counts = [int(e.loss_mask[1:].sum()) for e in examples]
+    lengths = dataset.lengths.tolist()
+    trained_counts = dataset.trained.tolist()
     micro_tokens = cfg.micro_batch_tokens or max_len
     if cfg.packing and max(lengths) > micro_tokens:
         raise ConfigError(f"micro_batch_tokens={micro_tokens} is smaller than the longest sequence ({max(lengths)} tokens); raise it to at least max_seq_len={max_len}")
@@ -244,8 +253,10 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         _check_memory(cfg, hf_config, dist, micro_tokens if cfg.packing else max_len * cfg.micro_batch_size)
 
     # ---- model, optimiser, schedule --------------------------------------------------------------
-    model = load_student(model_id, hf_config, cfg, dist)
-    scorer = shard(Scorer(model, cfg.loss_chunk_tokens, cfg.fused_loss), dist, cfg.cpu_offload)
+    scorer = load_sharded(
+        lambda meta: load_student(model_id, hf_config, cfg, dist, meta=meta), lambda lm: Scorer(lm, cfg.loss_chunk_tokens, cfg.fused_loss), dist, cfg.cpu_offload
+    )  # fmt: skip
+    model = scorer.model
     parameters = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, parameters, dist.device)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
@@ -439,8 +450,16 @@ def resolve_student(student: str):
         raise model_error(model_id, error, what, gated=is_preset(student) and PRESETS[student].get("gated", False)) from None
 
 
-def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
-    """The causal LM with the run's RoPE, attention, precision, checkpointing and LoRA settings."""
+def default_max_seq_len(hf_config) -> int:
+    """max_seq_len when neither preset nor user sets one: the model's context, at most 32768
+    (also what `distill filter --student` checks lengths against)."""
+    return min(getattr(hf_config, "max_position_embeddings", 32768) or 32768, 32768)
+
+
+def load_student(model_id: str, hf_config, cfg: TrainConfig, dist, meta: bool = False):
+    """The causal LM with the run's RoPE, attention, precision, checkpointing and LoRA settings.
+    meta=True: the same modules on the meta device, no weights read (parallel.load_sharded fills
+    each rank's shards from rank 0's copy)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -459,6 +478,8 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
     if cfg.lora and dist.device.type == "cuda":
         kwargs["dtype"] = torch.bfloat16  # a frozen base needs no fp32 master copy
     if cfg.quantize == "4bit":
+        if dist.distributed:
+            raise ConfigError("quantize=4bit (QLoRA) runs in one process: bitsandbytes' 4-bit weights are not sharded; launch without torchrun, or lora=true alone")
         if dist.device.type != "cuda":
             raise ConfigError("quantize=4bit (QLoRA) needs a CUDA GPU; use lora=true alone on CPU")
         try:
@@ -471,7 +492,11 @@ def load_student(model_id: str, hf_config, cfg: TrainConfig, dist):
         )
         kwargs["device_map"] = {"": dist.device.index or 0}
     torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it
-    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=kwargs["attn_implementation"], dtype=kwargs["dtype"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     if cfg.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -586,6 +611,21 @@ def _check_memory(cfg: TrainConfig, hf_config, dist, tokens: int) -> None:
     plan += f"{' 4-bit' if cfg.quantize == '4bit' else ''}, {dist.world} device{'s' if dist.world > 1 else ''}"
     plan += f"{', activation checkpointing' if cfg.activation_checkpointing else ''}{', CPU offload' if cfg.cpu_offload else ''}, {tokens} tokens per micro-batch"
     check_memory(estimate, available, where, plan)
+    # Host memory, per node: the one full copy loading holds (parallel.load_sharded) and what each
+    # process keeps in host memory (everything on CPU; the offloaded states with cpu_offload).
+    import psutil
+
+    on_gpu = dist.device.type == "cuda"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    load_bytes = 0.55 if cfg.quantize == "4bit" else (2 if cfg.lora and on_gpu else 4)  # load_student's dtype
+    offloaded = estimate_memory_gb(
+        params, dist.world, lora=cfg.lora, quantize=cfg.quantize, cpu_offload=False, activation_checkpointing=cfg.activation_checkpointing,
+        tokens=tokens, hidden=hidden, layers=layers, intermediate=intermediate, vocab=vocab, chunk_tokens=cfg.loss_chunk_tokens,
+    )["states"]  # fmt: skip
+    host = estimate_host_memory_gb(
+        params, dist.world, local, load_bytes=load_bytes, device_states_gb=offloaded if on_gpu else estimate["total"], on_gpu=on_gpu, cpu_offload=cfg.cpu_offload
+    )  # fmt: skip
+    check_host_memory(host, -dist.max(-psutil.virtual_memory().available / 2**30), local)
 
 
 def export_dtype(cfg: TrainConfig, hf_config):
@@ -601,16 +641,39 @@ def export_dtype(cfg: TrainConfig, hf_config):
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
+def _tokenized(cfg: TrainConfig, tokenizer, template, max_len: int, dist, say):
+    """The training data, tokenized once: rank 0 writes the cache unless a launch before it did
+    (a resume, a rerun, another run with the same data_cache), and every rank memory-maps the same
+    files. The cache is keyed by the data's fingerprint, the tokenizer, the template, max_seq_len
+    and the row settings, so any change to those tokenizes again into a new folder."""
+    from distill.students.data import TokenizedData, cache_key, data_fingerprint, iter_conversations, tokenize_to_cache, tokenizer_fingerprint
+
+    folder, problem = None, None
+    if dist.is_main:
+        try:
+            key = cache_key({
+                "data": data_fingerprint(cfg.data, cfg.data_split), "tokenizer": tokenizer_fingerprint(tokenizer),
+                "template": [template.source, template.end_of_turn], "max_seq_len": max_len, "too_long": cfg.too_long, "on_bad_row": cfg.on_bad_row,
+            })  # fmt: skip
+            folder = Path(cfg.data_cache or Path(cfg.out) / "tokenized") / key
+            if (folder / "meta.json").is_file():
+                say(f"tokenized data: {folder} (built by an earlier launch: not tokenized again)")
+            else:
+                skipped: list[str] = []
+                tokenize_to_cache(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped), tokenizer, template, max_len, cfg.too_long, folder, skipped)
+                say(f"tokenized data: {folder}")
+        except (InputError, ConfigError) as error:  # every rank must stop, not wait for the cache
+            problem = (isinstance(error, InputError), str(error))
+    folder, problem = dist.broadcast((folder, problem))
+    if problem:
+        raise (InputError if problem[0] else ConfigError)(problem[1])
+    return TokenizedData(folder)
+
+
 def _data_report(dataset, max_len: int, too_long: str) -> list[str]:
     lines = [f"data: {dataset.rows} rows -> {len(dataset.examples)} sequences, {dataset.tokens:,} tokens, {dataset.trained_tokens:,} trained"]
     if dataset.skipped_rows:
-        lines.append(f"skipped {len(dataset.skipped_rows)} malformed rows (on_bad_row=skip), first: {dataset.skipped_rows[0]}")
-    if dataset.dropped_too_long:
-        lines.append(f"dropped {dataset.dropped_too_long} sequences longer than max_seq_len={max_len} (too_long=drop; too_long=truncate keeps their start)")
-    if dataset.truncated:
-        lines.append(f"truncated {dataset.truncated} sequences to max_seq_len={max_len} (too_long=truncate): their ends, end-of-turn included, are not trained")
-    if dataset.dropped_untrained:
-        lines.append(f"dropped {dataset.dropped_untrained} sequences with no trained token left after truncation")
+        lines.append(f"first malformed row skipped: {dataset.skipped_rows[0]}")
     notes = dataset.notes
     if notes.prefill_missing:
         lines.append(
@@ -618,6 +681,16 @@ def _data_report(dataset, max_len: int, too_long: str) -> list[str]:
             "they are trained as written, but at inference the prefill is given"
         )
     return lines
+
+
+def _data_drops(dataset, max_len: int) -> list[tuple[str, int, str, str]]:
+    """(reason, count, what, the setting to change) of each way rows were lost or cut."""
+    return [
+        ("malformed", len(dataset.skipped_rows), "rows skipped as malformed (on_bad_row=skip)", "fix those rows (the first is named above); on_bad_row=error stops at the first"),
+        ("too_long", dataset.dropped_too_long, f"sequences dropped, longer than max_seq_len={max_len} (too_long=drop)", "raise max_seq_len, or too_long=truncate keeps their start"),
+        ("truncated", dataset.truncated, f"sequences truncated to max_seq_len={max_len} (too_long=truncate): their ends, end-of-turn included, are not trained", "raise max_seq_len"),
+        ("untrained", dataset.dropped_untrained, "sequences dropped with no trained token left after truncation", "raise max_seq_len"),
+    ]
 
 
 def _wandb(cfg: TrainConfig, dist):

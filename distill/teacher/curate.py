@@ -105,56 +105,107 @@ class Duplicate:
 
 def find_duplicates(texts: Sequence[str], threshold: float = 0.8, shingle: int = 3, permutations: int = 128, bands: int = 32, seed: int = 0) -> list[Duplicate]:
     """Problems that copy an earlier one, exactly or nearly (see the module docstring)."""
-    assert permutations % bands == 0, f"permutations ({permutations}) must be a multiple of bands ({bands})"
-    duplicates: list[Duplicate] = []
-    first_of: dict[str, int] = {}
-    unique: list[int] = []
-    for index, text in enumerate(texts):
-        key = normalised(text)
-        if key in first_of:
-            duplicates.append(Duplicate(index, first_of[key], 1.0, "exact"))
-        else:
-            first_of[key] = index
-            unique.append(index)
-    if threshold >= 1.0 or len(unique) < 2:
-        return duplicates
+    finder = DuplicateFinder(threshold, shingle, permutations, bands, seed)
+    for text in texts:
+        finder.add(text)
+    return finder.finish(texts.__getitem__)
 
-    shingles = [{_hash32(" ".join(g)) for g in _ngrams(words(texts[i]), shingle)} for i in unique]
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, (1 << 32) - 5, size=permutations, dtype=np.uint64)
-    b = rng.integers(0, (1 << 32) - 5, size=permutations, dtype=np.uint64)
-    rows = permutations // bands
-    parent = list(range(len(unique)))  # union-find over positions in `unique`
 
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+class DuplicateFinder:
+    """find_duplicates for a stream of problems: `add` each text in input order (it keeps a
+    16-byte digest and the LSH band hashes, 272 bytes a problem, not the text), then `finish`
+    with a way to get a text back by index (only candidate pairs are read again)."""
 
-    buckets: dict[tuple[int, bytes], list[int]] = {}
-    similarity: dict[int, float] = {}
-    for position, shingle_set in enumerate(shingles):
-        if not shingle_set:
-            continue
-        signature = _minhash(np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set)), a, b)  # (P,)
-        for band in range(bands):
-            members = buckets.setdefault((band, signature[band * rows : (band + 1) * rows].tobytes()), [])
-            for other_position in members[:BUCKET_COMPARISONS]:
-                if root(other_position) == root(position):
-                    continue
-                other = shingles[other_position]
-                jaccard = len(shingle_set & other) / len(shingle_set | other)
-                if jaccard >= threshold:
-                    low, high = sorted((root(position), root(other_position)))
-                    parent[high] = low  # the earliest problem stays the root: it is the one kept
-                    similarity[position] = max(similarity.get(position, 0.0), jaccard)
-            members.append(position)
-    for position in range(len(unique)):
-        top = root(position)
-        if top != position:
-            duplicates.append(Duplicate(unique[position], unique[top], round(similarity.get(position, threshold), 4), "near"))
-    return sorted(duplicates, key=lambda d: d.index)
+    def __init__(self, threshold: float = 0.8, shingle: int = 3, permutations: int = 128, bands: int = 32, seed: int = 0):
+        assert permutations % bands == 0, f"permutations ({permutations}) must be a multiple of bands ({bands})"
+        self.threshold, self.shingle, self.bands, self.rows = threshold, shingle, bands, permutations // bands
+        rng = np.random.default_rng(seed)
+        self._a = rng.integers(1, (1 << 32) - 5, size=permutations, dtype=np.uint64)
+        self._b = rng.integers(0, (1 << 32) - 5, size=permutations, dtype=np.uint64)
+        self._first_of: dict[bytes, int] = {}  # digest of the normalised text -> first index
+        self._exact: list[Duplicate] = []
+        self._unique: list[int] = []  # indices of the first copies, in input order
+        self._band_hashes: list[np.ndarray] = []  # (bands,) uint64 per unique problem; all-zero rows = no shingles
+        self._has_shingles: list[bool] = []
+        self._count = 0
+
+    def add(self, text: str) -> None:
+        index = self._count
+        self._count += 1
+        key = hashlib.blake2b(normalised(text).encode("utf-8"), digest_size=16).digest()
+        if key in self._first_of:
+            self._exact.append(Duplicate(index, self._first_of[key], 1.0, "exact"))
+            return
+        self._first_of[key] = index
+        self._unique.append(index)
+        if self.threshold >= 1.0:
+            return
+        shingles = self._shingles(text)
+        self._has_shingles.append(bool(shingles))
+        if not shingles:
+            self._band_hashes.append(np.zeros(self.bands, dtype=np.uint64))
+            return
+        signature = _minhash(np.fromiter(shingles, dtype=np.uint64, count=len(shingles)), self._a, self._b)  # (P,)
+        bands = signature.reshape(self.bands, self.rows)
+        digests = [hashlib.blake2b(band.tobytes(), digest_size=8).digest() for band in bands]
+        self._band_hashes.append(np.frombuffer(b"".join(digests), dtype=np.uint64))
+
+    def _shingles(self, text: str) -> set[int]:
+        return {_hash32(" ".join(g)) for g in _ngrams(words(text), self.shingle)}
+
+    def finish(self, text_of) -> list[Duplicate]:
+        """The duplicates, sorted by index; `text_of(index)` returns the text added at `index`."""
+        duplicates = list(self._exact)
+        if self.threshold >= 1.0 or len(self._unique) < 2:
+            return sorted(duplicates, key=lambda d: d.index)
+        hashes = np.stack(self._band_hashes)  # (U, bands)
+        usable = np.asarray(self._has_shingles)
+        # Candidate pairs exactly as a position-ordered scan of LSH buckets would meet them: each
+        # position is compared with the first BUCKET_COMPARISONS earlier members of each bucket.
+        candidates: list[tuple[int, int, int, int]] = []  # (position, band, rank of the other, other)
+        positions = np.nonzero(usable)[0]
+        for band in range(self.bands):
+            keys = hashes[positions, band]
+            order = np.argsort(keys, kind="stable")  # positions ascending inside each bucket
+            sorted_keys, sorted_positions = keys[order], positions[order]
+            starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+            ends = np.r_[starts[1:], len(sorted_keys)]
+            for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+                members = sorted_positions[start:end].tolist()
+                for rank_i in range(1, len(members)):
+                    for rank_j in range(min(rank_i, BUCKET_COMPARISONS)):
+                        candidates.append((members[rank_i], band, rank_j, members[rank_j]))
+        candidates.sort()
+        parent = list(range(len(self._unique)))  # union-find over positions in the unique list
+
+        def root(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        shingle_cache: dict[int, set[int]] = {}
+
+        def shingles_at(position: int) -> set[int]:
+            if position not in shingle_cache:
+                shingle_cache[position] = self._shingles(text_of(self._unique[position]))
+            return shingle_cache[position]
+
+        similarity: dict[int, float] = {}
+        for position, _, _, other_position in candidates:
+            if root(other_position) == root(position):
+                continue
+            mine, other = shingles_at(position), shingles_at(other_position)
+            jaccard = len(mine & other) / len(mine | other)
+            if jaccard >= self.threshold:
+                low, high = sorted((root(position), root(other_position)))
+                parent[high] = low  # the earliest problem stays the root: it is the one kept
+                similarity[position] = max(similarity.get(position, 0.0), jaccard)
+        for position in range(len(self._unique)):
+            top = root(position)
+            if top != position:
+                duplicates.append(Duplicate(self._unique[position], self._unique[top], round(similarity.get(position, self.threshold), 4), "near"))
+        return sorted(duplicates, key=lambda d: d.index)
 
 
 def _hash32(text: str) -> int:

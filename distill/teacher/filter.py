@@ -9,7 +9,9 @@ calls a teacher: filtering the same traces again with other settings is cheap. W
 `reject_reason`), both with every verdict as columns; `stats.json`; `report.md`; `plots/*.png`;
 and the run directory's `config.yaml`, `metrics.json` and `filter.log`.
 
-Steps (top to bottom below):
+Steps (top to bottom below). The traces are streamed twice (verdicts, then outputs) and only
+compact per-row verdicts and per-problem facts are held between the passes, so memory stays
+bounded (1M traces: 0.87 GB, bench/scale_filter.py):
 1. Read the traces. A malformed row is a one-line error naming file and line, or with
    `on_bad_row=skip` a counted skip. Rows without `sample_idx` that would collide (several
    completions of one problem in a minimal file) are numbered in input order.
@@ -18,8 +20,8 @@ Steps (top to bottom below):
      under a hard time limit; `bad_reference` is its own reason, never a wrong answer);
    - format: exactly one non-empty `<think>...</think>` (tags configurable) then a final part;
    - truncation: `finish_reason == "length"`;
-   - length (with --student): prompt rendered by the student's chat template + completion + end
-     of turn, in the student's tokenizer, <= max_seq_len;
+   - length (with --student): the conversation encoded exactly as `distill train --student`
+     encodes it (its template, segments and tokenizer), <= the max_seq_len training uses;
    - language: no other script than the problem's beyond a threshold (R1 filters mixed
      languages); repetition: no 200-character stretch repeated too often (degenerate loops).
 3. Per problem: decontamination (word n-gram overlap with GSM8K, MATH-500, AIME24/25, AMC23
@@ -42,23 +44,25 @@ tell English from French.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from distill.errors import InputError
 from distill.problems import PRESETS, load_problems
-from distill.records import OnBadRow, TraceRecord, read_traces, write_parquet
+from distill.records import OnBadRow, ParquetSink, TraceRecord, iter_traces
 from distill.rundir import RunDir, write_json
-from distill.teacher.curate import BenchmarkIndex, BenchmarkItem, find_duplicates, select
+from distill.teacher.curate import BenchmarkIndex, BenchmarkItem, DuplicateFinder, select
 from distill.verify import Verifier, check_format, check_language, check_repetition, is_truncated
+from distill.verify.length import StudentLength
 
 REASONS = (
     "contaminated", "duplicate", "bad_reference", "truncated", "format", "no_answer", "wrong",
@@ -119,146 +123,204 @@ class FilterConfig:
             raise ValueError(f"think_tags is two tags (start, end), e.g. '<think>,</think>'; got {self.think_tags!r}")
 
 
-@dataclass
-class Row:
-    """Every verdict on one trace (one row of rejected/accepted.parquet besides the record)."""
+# The verdict columns of accepted.parquet / rejected.parquet (besides the record's own), in order.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("answer_verdict", "string"),  # correct | wrong | no_answer | bad_reference | timeout
+    ("correct", "bool"),  # None when not decided
+    ("extracted", "string"),
+    ("format_ok", "bool"),
+    ("truncated", "bool"),
+    ("num_tokens", "int64"),  # in the student's tokenizer, as training counts them (with --student)
+    ("length_ok", "bool"),  # None without --student
+    ("language_ok", "bool"),
+    ("foreign_fraction", "double"),
+    ("foreign_run", "int64"),
+    ("repetition_ok", "bool"),
+    ("max_repeats", "int64"),
+    ("contaminated_by", "string"),  # "benchmark:item id"
+    ("duplicate_of", "string"),  # problem id of the kept copy
+    ("pass_rate", "double"),  # of the row's problem
+    ("failed_checks", "string"),  # every failure, comma-separated, in REASONS order
+)
 
-    answer_verdict: str  # correct | wrong | no_answer | bad_reference | timeout
-    correct: bool | None
-    extracted: str | None
-    format_ok: bool
-    truncated: bool
-    num_tokens: int | None  # in the student's tokenizer (with --student)
-    length_ok: bool | None  # None without --student
-    language_ok: bool
-    foreign_fraction: float
-    foreign_run: int
-    repetition_ok: bool
-    max_repeats: int
-    contaminated_by: str | None = None  # "benchmark:item id"
-    duplicate_of: str | None = None  # problem id of the kept copy
-    pass_rate: float | None = None  # of the row's problem
-    failed_checks: str = ""  # every failure, comma-separated, in REASONS order
-    reject_reason: str | None = None
+
+class Verdicts:
+    """Every row's verdicts, one compact column each (lists of shared objects and typed arrays:
+    about 150 bytes a row, not the trace), in input order. What the per-problem steps and the
+    outputs need; the traces themselves are read again when the outputs are written."""
+
+    def __init__(self) -> None:
+        from array import array
+
+        self.problem = array("i")  # index into the problem list
+        self.sample_idx = array("q")  # after renumbering
+        self.answer_verdict: list[str] = []
+        self.correct: list[bool | None] = []
+        self.extracted: list[str | None] = []
+        self.format_ok: list[bool] = []
+        self.truncated: list[bool] = []
+        self.num_tokens = array("q")  # -1: not counted
+        self.language_ok: list[bool] = []
+        self.foreign_fraction = array("d")
+        self.foreign_run = array("q")
+        self.repetition_ok: list[bool] = []
+        self.max_repeats = array("q")
+        self.teacher_tokens = array("q")  # the record's completion_tokens; -1: unknown
+        self.characters = array("q")  # of the completion
+        self.failed_checks: list[str] = []
+        self.reject_reason: list[str | None] = []
+        self.max_len = 0  # the student's max_seq_len (with --student)
+
+    def __len__(self) -> int:
+        return len(self.answer_verdict)
+
+    def length_ok(self, index: int) -> bool | None:
+        return None if self.num_tokens[index] < 0 else self.num_tokens[index] <= self.max_len
 
 
 def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Verifier | None = None) -> dict[str, Any]:
     """Filter `cfg.traces` into `cfg.out`; returns the final metrics. `verifier`: reuse a running
-    one (its think tags must match the config's)."""
+    one (its think tags must match the config's).
+
+    Memory stays bounded whatever the input's size: the traces are streamed twice (verdicts, then
+    the outputs), and between the two passes only per-row verdicts (`Verdicts`) and per-problem
+    facts (id, first text, LSH hashes) are held."""
     rundir = RunDir(cfg.out, "filter", cfg, sources)
     rundir.announce(f"distill filter: {cfg.traces} -> {cfg.out}", shown=("traces", "out"))
 
-    # 1. read ------------------------------------------------------------------------------
-    read = read_traces(cfg.traces, cfg.on_bad_row)
-    records = read.records
-    for message in read.skipped:
-        rundir.log.warning(f"skipped: {message}")
-    if not records:
-        raise InputError(f"{cfg.traces}: no traces to filter (every row was skipped or the input is empty)")
-    renumbered = _number_samples(records)
-    rundir.say(f"read {len(records)} traces of {len({r.problem_id for r in records})} problems"
-               + (f" ({len(read.skipped)} bad rows skipped)" if read.skipped else ""))
-
-    # 2. verdicts per row ------------------------------------------------------------------
-    verdicts, verifier_summary = _grade(records, cfg, verifier, rundir)
-    lengths = _student_lengths(records, cfg, rundir) if cfg.student else None
-    max_len = lengths[1] if lengths else None
-    rows: list[Row] = []
-    for index, record in enumerate(tqdm(records, desc="checks", unit="trace", disable=None)):
-        verdict = verdicts[index]
-        language = check_language(record.problem, record.completion, cfg.language_max_foreign_fraction, cfg.language_max_foreign_run)
-        repetition = check_repetition(record.completion, cfg.repetition_window, cfg.repetition_max_repeats)
-        tokens = lengths[0][index] if lengths else None
-        rows.append(Row(
-            answer_verdict=verdict.reason, correct=verdict.correct, extracted=verdict.extracted,
-            format_ok=check_format(record.completion, cfg.think_tags),
-            truncated=is_truncated(record.finish_reason),
-            num_tokens=tokens, length_ok=None if tokens is None else tokens <= max_len,
-            language_ok=language.ok, foreign_fraction=language.foreign_fraction, foreign_run=language.longest_foreign_run,
-            repetition_ok=repetition.ok, max_repeats=repetition.max_repeats,
-        ))
-
-    # 3. per problem: decontamination, duplicates, pass rate -------------------------------
-    by_problem: dict[str, list[int]] = {}
-    for index, record in enumerate(records):
-        by_problem.setdefault(record.problem_id, []).append(index)
-    problem_ids = list(by_problem)
-    texts = [records[by_problem[pid][0]].problem for pid in problem_ids]
-
+    # 1-2. read (streamed) and every verdict per row; per problem: first text, decontamination,
+    # near-duplicate signature ------------------------------------------------------------------
+    if verifier is not None and tuple(verifier.think_tags) != tuple(cfg.think_tags):
+        raise ValueError(f"the verifier passed in splits on {verifier.think_tags}, the config on {cfg.think_tags}")
+    lengths = StudentLength(cfg.student, cfg.max_seq_len) if cfg.student else None  # training's own count
+    benchmarks = BenchmarkIndex(load_benchmarks(cfg.decontaminate, cfg.data_dir), cfg.decontamination_ngram) if cfg.decontaminate else None
+    finder = DuplicateFinder(cfg.dedup_threshold, seed=cfg.seed) if cfg.dedup else None
+    owned = verifier is None
+    verifier = verifier or Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, think_tags=cfg.think_tags,
+                                    no_answer_fallback=cfg.no_answer_fallback)
+    before = dict(verifier.summary())
+    skipped: list[str] = []
+    rows = Verdicts()
+    rows.max_len = lengths.max_seq_len if lengths else 0
+    problem_index: dict[str, int] = {}
+    problem_ids: list[str] = []
+    texts: list[str] = []  # the first text seen of each problem
+    taken: list[set[int]] = []  # sample indices seen per problem
     contaminated: dict[str, Any] = {}
-    if cfg.decontaminate:
-        index = BenchmarkIndex(load_benchmarks(cfg.decontaminate, cfg.data_dir), cfg.decontamination_ngram)
-        for pid, text in zip(problem_ids, texts):
-            match = index.match(text)
-            if match is not None:
-                contaminated[pid] = match
+    renumbered = 0
+    try:
+        with tqdm(desc="verify + checks", unit="trace", disable=None) as bar:
+            for batch in _batches(iter_traces(cfg.traces, cfg.on_bad_row, skipped), BATCH):
+                for record in batch:
+                    number = problem_index.get(record.problem_id)
+                    if number is None:
+                        number = problem_index[record.problem_id] = len(problem_ids)
+                        problem_ids.append(record.problem_id)
+                        texts.append(record.problem)
+                        taken.append(set())
+                        match = benchmarks.match(record.problem) if benchmarks is not None else None
+                        if match is not None:
+                            contaminated[record.problem_id] = match
+                        if finder is not None:
+                            finder.add(record.problem)
+                    # Rows sharing (problem_id, sample_idx) (a minimal file with several completions
+                    # per problem and no sample_idx) get the next free index of their problem.
+                    if record.sample_idx in taken[number]:
+                        record.sample_idx = max(taken[number]) + 1
+                        renumbered += 1
+                    taken[number].add(record.sample_idx)
+                    rows.problem.append(number)
+                    rows.sample_idx.append(record.sample_idx)
+                _check_rows(batch, verifier.grade([(r.answer, r.completion) for r in batch]), lengths, cfg, rows)
+                bar.update(len(batch))
+        after = verifier.summary()
+    finally:
+        if owned:
+            verifier.close()
+    for message in skipped:
+        rundir.log.warning(f"skipped: {message}")
+    if not len(rows):
+        raise InputError(f"{cfg.traces}: no traces to filter (every row was skipped or the input is empty)")
+    del taken
+    rundir.say(f"read {len(rows)} traces of {len(problem_ids)} problems" + (f" ({len(skipped)} bad rows skipped)" if skipped else ""))
+    verifier_summary = {k: v - before.get(k, 0) for k, v in after.items()}
+    verifier_summary["undecided"] = verifier_summary.get("timeout", 0) + verifier_summary.get("crashed", 0) + verifier_summary.get("error", 0)
+    rundir.say(f"verified {len(rows)} answers: {verifier_summary.get('checked', 0)} math-verify checks, "
+               f"{verifier_summary.get('cached', 0)} cached, {verifier_summary['undecided']} undecided (over the {cfg.verifier_timeout_s:g} s limit)")
+    if lengths:
+        too_long = sum(1 for n in rows.num_tokens if n > lengths.max_seq_len)
+        rundir.say(f"length: {cfg.student}'s training tokenization (template '{lengths.template.name}'), max_seq_len {lengths.max_seq_len} "
+                   f"({lengths.source}): {too_long} conversations too long")
+
+    # 3. per problem: decontamination, duplicates, pass rate -----------------------------------
+    if benchmarks is not None:
         rundir.say(f"decontamination: {len(contaminated)} problems share a {cfg.decontamination_ngram}-gram with "
-                   f"{', '.join(cfg.decontaminate)} ({len(index.items)} benchmark problems)")
+                   f"{', '.join(cfg.decontaminate)} ({len(benchmarks.items)} benchmark problems)")
     duplicates: dict[str, Any] = {}
-    if cfg.dedup:
-        for duplicate in find_duplicates(texts, cfg.dedup_threshold, seed=cfg.seed):
+    if finder is not None:
+        for duplicate in finder.finish(texts.__getitem__):
             duplicates[problem_ids[duplicate.index]] = (problem_ids[duplicate.kept], duplicate)
         rundir.say(f"dedup: {len(duplicates)} problems copy an earlier one")
-    pass_rates: dict[str, float | None] = {}
-    for pid, indices in by_problem.items():
-        decided = [rows[i].correct for i in indices if rows[i].correct is not None]
-        pass_rates[pid] = sum(decided) / len(decided) if decided else None
+    problem_of = np.frombuffer(rows.problem, dtype=np.int32)
+    by_problem = np.split(np.argsort(problem_of, kind="stable"), np.cumsum(np.bincount(problem_of, minlength=len(problem_ids)))[:-1])
+    decided = np.bincount(problem_of, weights=[c is not None for c in rows.correct], minlength=len(problem_ids))
+    correct = np.bincount(problem_of, weights=[c is True for c in rows.correct], minlength=len(problem_ids))
+    pass_rates: dict[str, float | None] = {
+        pid: float(correct[p] / decided[p]) if decided[p] else None for p, pid in enumerate(problem_ids)
+    }
 
-    # 4. reasons, difficulty, selection ----------------------------------------------------
-    for index, (record, row) in enumerate(zip(records, rows)):
-        pid = record.problem_id
+    # 4. reasons, difficulty, selection -------------------------------------------------------
+    for index in range(len(rows)):
+        pid = problem_ids[rows.problem[index]]
         failures = []
         if pid in contaminated:
-            match = contaminated[pid]
-            row.contaminated_by = f"{match.item.benchmark}:{match.item.item_id}"
             failures.append("contaminated")
         if pid in duplicates:
-            row.duplicate_of = duplicates[pid][0]
             failures.append("duplicate")
-        if row.answer_verdict == "bad_reference":
+        verdict = rows.answer_verdict[index]
+        if verdict == "bad_reference":
             failures.append("bad_reference")
-        if row.truncated and cfg.reject_truncated:
+        if rows.truncated[index] and cfg.reject_truncated:
             failures.append("truncated")
-        if not row.format_ok and cfg.require_format:
+        if not rows.format_ok[index] and cfg.require_format:
             failures.append("format")
-        if row.answer_verdict in ("no_answer", "wrong", "timeout"):
-            failures.append(row.answer_verdict)
-        if row.length_ok is False:
+        if verdict in ("no_answer", "wrong", "timeout"):
+            failures.append(verdict)
+        if rows.length_ok(index) is False:
             failures.append("too_long")
-        if not row.language_ok and cfg.language_check:
+        if not rows.language_ok[index] and cfg.language_check:
             failures.append("language")
-        if not row.repetition_ok and cfg.repetition_check:
+        if not rows.repetition_ok[index] and cfg.repetition_check:
             failures.append("repetition")
-        row.pass_rate = pass_rates[pid]
-        row.failed_checks = ",".join(failures)
-        row.reject_reason = failures[0] if failures else None
+        rows.failed_checks.append(",".join(failures))
+        rows.reject_reason.append(failures[0] if failures else None)
 
-    lengths_all, length_unit = _lengths(records, rows)  # what "shortest" and the plots measure
+    lengths_all, length_unit = _lengths(rows)  # what "shortest" and the plots measure
     difficulty_on = cfg.pass_rate_min > 0.0 or cfg.pass_rate_max < 1.0
-    for pid, indices in by_problem.items():
+    for number, members in enumerate(by_problem):
+        pid = problem_ids[number]
+        indices = members.tolist()
         rate = pass_rates[pid]
         if difficulty_on and (rate is None or not cfg.pass_rate_min <= rate <= cfg.pass_rate_max):
             for i in indices:
-                if rows[i].reject_reason is None:
-                    rows[i].reject_reason = "difficulty"
+                if rows.reject_reason[i] is None:
+                    rows.reject_reason[i] = "difficulty"
             continue
-        candidates = [(i, records[i].sample_idx, lengths_all[i]) for i in indices if rows[i].reject_reason is None]
+        candidates = [(i, rows.sample_idx[i], lengths_all[i]) for i in indices if rows.reject_reason[i] is None]
         chosen = set(select(candidates, cfg.selection, cfg.k, cfg.seed, pid))
         for i, _, _ in candidates:
             if i not in chosen:
-                rows[i].reject_reason = "not_selected"
+                rows.reject_reason[i] = "not_selected"
 
-    # 5. outputs ---------------------------------------------------------------------------
-    accepted = [i for i, row in enumerate(rows) if row.reject_reason is None]
-    rejected = [i for i, row in enumerate(rows) if row.reject_reason is not None]
-    write_parquet([records[i] for i in accepted], rundir.file("accepted.parquet"), _columns(rows, accepted, with_reason=False))
-    write_parquet([records[i] for i in rejected], rundir.file("rejected.parquet"), _columns(rows, rejected, with_reason=True))
-    stats = _stats(cfg, records, rows, by_problem, pass_rates, contaminated, duplicates, read.skipped, renumbered,
-                   max_len, lengths_all, length_unit)
+    # 5. outputs: the traces read again, written out in bounded row groups ---------------------
+    _write_outputs(cfg, rundir, rows, problem_ids, pass_rates, contaminated, duplicates)
+    stats = _stats(cfg, rows, problem_ids, pass_rates, contaminated, duplicates, skipped, renumbered,
+                   rows.max_len or None, lengths_all, length_unit)
     stats["verifier"] = verifier_summary
     write_json(rundir.file("stats.json"), stats)
     plots = _plots(rundir.path, rows, pass_rates, lengths_all, length_unit) if cfg.plots else []
-    _report(rundir.file("report.md"), cfg, stats, records, rows, problem_ids, texts, contaminated, duplicates, read.skipped, plots)
+    _report(rundir.file("report.md"), cfg, stats, problem_ids, texts, contaminated, duplicates, skipped, plots)
+    _warn_drops(cfg, rundir, stats, len(skipped))
 
     metrics = {k: stats[k] for k in ("rows", "problems", "accepted", "rejected", "accept_rate", "accepted_problems",
                                       "reject_reasons", "check_failures", "skipped_rows")}
@@ -273,56 +335,102 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
 # --------------------------------------------------------------------------------------------
 # step helpers
 
-def _grade(records: list[TraceRecord], cfg: FilterConfig, verifier: Verifier | None, rundir: RunDir):
-    if verifier is not None and tuple(verifier.think_tags) != tuple(cfg.think_tags):
-        raise ValueError(f"the verifier passed in splits on {verifier.think_tags}, the config on {cfg.think_tags}")
-    owned = verifier is None
-    verifier = verifier or Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, think_tags=cfg.think_tags,
-                                    no_answer_fallback=cfg.no_answer_fallback)
-    before = dict(verifier.summary())
-    verdicts = []
-    try:
-        with tqdm(total=len(records), desc="verify", unit="trace", disable=None) as bar:
-            for start in range(0, len(records), BATCH):
-                batch = records[start : start + BATCH]
-                verdicts += verifier.grade([(r.answer, r.completion) for r in batch])
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _check_rows(batch: list[TraceRecord], verdicts: list, lengths, cfg: FilterConfig, rows: Verdicts) -> None:
+    """Append the verdicts of one batch of records to `rows`."""
+    tokens = lengths.count([r.messages() for r in batch]) if lengths else [-1] * len(batch)
+    for record, verdict, count in zip(batch, verdicts, tokens):
+        language = check_language(record.problem, record.completion, cfg.language_max_foreign_fraction, cfg.language_max_foreign_run)
+        repetition = check_repetition(record.completion, cfg.repetition_window, cfg.repetition_max_repeats)
+        rows.answer_verdict.append(verdict.reason)
+        rows.correct.append(verdict.correct)
+        rows.extracted.append(verdict.extracted)
+        rows.format_ok.append(check_format(record.completion, cfg.think_tags))
+        rows.truncated.append(is_truncated(record.finish_reason))
+        rows.num_tokens.append(count)
+        rows.language_ok.append(language.ok)
+        rows.foreign_fraction.append(language.foreign_fraction)
+        rows.foreign_run.append(language.longest_foreign_run)
+        rows.repetition_ok.append(repetition.ok)
+        rows.max_repeats.append(repetition.max_repeats)
+        rows.teacher_tokens.append(record.completion_tokens if record.completion_tokens is not None else -1)
+        rows.characters.append(len(record.completion))
+
+
+def _write_outputs(cfg: FilterConfig, rundir: RunDir, rows: Verdicts, problem_ids: list[str], pass_rates, contaminated, duplicates) -> None:
+    """Stream the input again and write each row to accepted.parquet or rejected.parquet with its
+    verdicts. The rows must be the ones the first pass read: a file still being appended to (a
+    running `distill generate`) is read only as far as the first pass read it."""
+    import pyarrow as pa
+
+    types = {name: pa.type_for_alias(kind) for name, kind in COLUMNS}
+    names = [name for name, _ in COLUMNS]
+    total = len(rows)
+    done = 0
+    with ParquetSink(rundir.file("accepted.parquet"), types) as accepted, \
+            ParquetSink(rundir.file("rejected.parquet"), {"reject_reason": pa.string(), **types}) as rejected:  # fmt: skip
+        with tqdm(total=total, desc="write", unit="trace", disable=None) as bar:
+            for batch in _batches(iter_traces(cfg.traces, cfg.on_bad_row, []), BATCH * 4):
+                batch = batch[: total - done]
+                kept: list[tuple[TraceRecord, int]] = []
+                dropped: list[tuple[TraceRecord, int]] = []
+                for index, record in enumerate(batch, start=done):
+                    pid = problem_ids[rows.problem[index]]
+                    if record.problem_id != pid:
+                        raise InputError(f"{cfg.traces}: the input changed while it was being filtered (row {index + 1} is now problem "
+                                         f"{record.problem_id!r}, was {pid!r}); filter again once it stops changing")
+                    record.sample_idx = rows.sample_idx[index]
+                    (kept if rows.reject_reason[index] is None else dropped).append((record, index))
+                for sink, chosen, reason in ((accepted, kept, False), (rejected, dropped, True)):
+                    if not chosen:
+                        continue
+                    columns: dict[str, list] = {"reject_reason": [rows.reject_reason[i] for _, i in chosen]} if reason else {}
+                    for name in names:
+                        columns[name] = [_value(rows, name, i, problem_ids, pass_rates, contaminated, duplicates) for _, i in chosen]
+                    sink.write([record for record, _ in chosen], columns)
+                done += len(batch)
                 bar.update(len(batch))
-        after = verifier.summary()
-    finally:
-        if owned:
-            verifier.close()
-    summary = {k: v - before.get(k, 0) for k, v in after.items()}
-    summary["undecided"] = summary.get("timeout", 0) + summary.get("crashed", 0) + summary.get("error", 0)
-    rundir.say(f"verified {len(records)} answers: {summary.get('checked', 0)} math-verify checks, "
-               f"{summary.get('cached', 0)} cached, {summary['undecided']} undecided (over the {cfg.verifier_timeout_s:g} s limit)")
-    return verdicts, summary
+                if done >= total:
+                    break
+    if done != total:
+        raise InputError(f"{cfg.traces}: the input changed while it was being filtered ({total} rows read, then {done}); filter again")
 
 
-def _number_samples(records: list[TraceRecord]) -> int:
-    """Give rows that share (problem_id, sample_idx) the next free sample index of their problem
-    (a minimal file with several completions per problem and no sample_idx); returns how many."""
-    seen: dict[str, set[int]] = {}
-    renumbered = 0
-    for record in records:
-        taken = seen.setdefault(record.problem_id, set())
-        if record.sample_idx in taken:
-            record.sample_idx = max(taken) + 1
-            renumbered += 1
-        taken.add(record.sample_idx)
-    return renumbered
+def _value(rows: Verdicts, name: str, index: int, problem_ids, pass_rates, contaminated, duplicates) -> Any:
+    """Output column `name` of row `index`."""
+    pid = problem_ids[rows.problem[index]]
+    if name == "num_tokens":
+        return rows.num_tokens[index] if rows.num_tokens[index] >= 0 else None
+    if name == "length_ok":
+        return rows.length_ok(index)
+    if name == "pass_rate":
+        return pass_rates[pid]
+    if name == "contaminated_by":
+        match = contaminated.get(pid)
+        return f"{match.item.benchmark}:{match.item.item_id}" if match is not None else None
+    if name == "duplicate_of":
+        return duplicates[pid][0] if pid in duplicates else None
+    return getattr(rows, name)[index]
 
 
-def _student_lengths(records: list[TraceRecord], cfg: FilterConfig, rundir: RunDir) -> tuple[list[int], int]:
-    from distill.verify.length import StudentLength
-
-    checker = StudentLength(cfg.student, cfg.max_seq_len)
-    counts: list[int] = []
-    for start in range(0, len(records), BATCH):
-        batch = records[start : start + BATCH]
-        counts += checker.count([r.messages()[:-1] for r in batch], [r.completion for r in batch])
-    rundir.say(f"length: {cfg.student} tokenizer, max_seq_len {checker.max_seq_len}: "
-               f"{sum(c > checker.max_seq_len for c in counts)} conversations too long")
-    return counts, checker.max_seq_len
+def _warn_drops(cfg: FilterConfig, rundir: RunDir, stats: dict[str, Any], skipped: int) -> None:
+    """Rejections the user may not expect, over 1% of the input: a warning with the setting."""
+    rows, failures = stats["rows"], stats["check_failures"]
+    rundir.warn_dropped("malformed", skipped, rows + skipped, "bad rows skipped (on_bad_row=skip)", "fix those rows (filter.log lists them)")
+    rundir.warn_dropped("too_long", failures.get("too_long", 0), rows,
+                        f"traces longer than max_seq_len={stats['max_seq_len']} as {cfg.student} trains on them",
+                        "raise max_seq_len (and train with at least as much)")
+    if cfg.reject_truncated:
+        rundir.warn_dropped("truncated", failures.get("truncated", 0), rows, "traces cut off by the teacher's token limit (finish_reason length)",
+                            "raise max_tokens in distill generate, or reject_truncated=false keeps them")
+    rundir.warn_dropped("timeout", stats["answer_verdicts"].get("timeout", 0), rows,
+                        f"answers left undecided by the verifier's {cfg.verifier_timeout_s:g} s limit", "raise verifier_timeout_s")
 
 
 def load_benchmarks(specs: Sequence[str], data_dir: Path | None) -> list[BenchmarkItem]:
@@ -341,21 +449,14 @@ def load_benchmarks(specs: Sequence[str], data_dir: Path | None) -> list[Benchma
     return items
 
 
-def _lengths(records: list[TraceRecord], rows: list[Row]) -> tuple[list[int], str]:
+def _lengths(rows: Verdicts) -> tuple[list[int], str]:
     """Completion lengths in one unit for the whole run: student tokens (with --student), else
     the teacher's token counts when every row has them, else characters."""
-    if all(row.num_tokens is not None for row in rows):
-        return [row.num_tokens for row in rows], "student tokens of the whole conversation"  # type: ignore[misc]
-    if all(r.completion_tokens is not None for r in records):
-        return [r.completion_tokens for r in records], "teacher tokens of the completion"  # type: ignore[misc]
-    return [len(r.completion) for r in records], "characters of the completion"
-
-
-def _columns(rows: list[Row], indices: list[int], with_reason: bool) -> dict[str, list]:
-    names = [f.name for f in dataclasses.fields(Row) if with_reason or f.name != "reject_reason"]
-    if with_reason:  # reject_reason first: it is what people look at
-        names = ["reject_reason"] + [n for n in names if n != "reject_reason"]
-    return {name: [getattr(rows[i], name) for i in indices] for name in names}
+    if all(n >= 0 for n in rows.num_tokens):
+        return rows.num_tokens.tolist(), "student tokens of the whole conversation"
+    if all(n >= 0 for n in rows.teacher_tokens):
+        return rows.teacher_tokens.tolist(), "teacher tokens of the completion"
+    return rows.characters.tolist(), "characters of the completion"
 
 
 def _summary(values: Sequence[float]) -> dict[str, float | None]:
@@ -366,10 +467,10 @@ def _summary(values: Sequence[float]) -> dict[str, float | None]:
             "p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)], "max": ordered[-1]}
 
 
-def _stats(cfg, records, rows, by_problem, pass_rates, contaminated, duplicates, skipped, renumbered, max_len, lengths, unit) -> dict[str, Any]:
-    accepted = [i for i, row in enumerate(rows) if row.reject_reason is None]
-    reasons = Counter(row.reject_reason for row in rows if row.reject_reason)
-    failures = Counter(name for row in rows for name in row.failed_checks.split(",") if name)
+def _stats(cfg, rows: Verdicts, problem_ids, pass_rates, contaminated, duplicates, skipped, renumbered, max_len, lengths, unit) -> dict[str, Any]:
+    accepted = [i for i, reason in enumerate(rows.reject_reason) if reason is None]
+    reasons = Counter(reason for reason in rows.reject_reason if reason)
+    failures = Counter(name for checks in rows.failed_checks for name in checks.split(",") if name)
     decided_rates = [rate for rate in pass_rates.values() if rate is not None]
     bins = [0] * 10  # pass-rate histogram, [0, 0.1), ..., [0.9, 1.0]
     for rate in decided_rates:
@@ -377,17 +478,17 @@ def _stats(cfg, records, rows, by_problem, pass_rates, contaminated, duplicates,
     by_benchmark = Counter(match.item.benchmark for match in contaminated.values())
     return {
         "input": str(cfg.traces),
-        "rows": len(records),
-        "problems": len(by_problem),
+        "rows": len(rows),
+        "problems": len(problem_ids),
         "accepted": len(accepted),
-        "rejected": len(records) - len(accepted),
-        "accept_rate": round(len(accepted) / len(records), 6),
-        "accepted_problems": len({records[i].problem_id for i in accepted}),
+        "rejected": len(rows) - len(accepted),
+        "accept_rate": round(len(accepted) / len(rows), 6),
+        "accepted_problems": len({rows.problem[i] for i in accepted}),
         "skipped_rows": len(skipped),
         "renumbered_samples": renumbered,
         "reject_reasons": {name: reasons[name] for name in REASONS if reasons[name]},
         "check_failures": {name: failures[name] for name in REASONS if failures[name]},
-        "answer_verdicts": dict(Counter(row.answer_verdict for row in rows)),
+        "answer_verdicts": dict(Counter(rows.answer_verdict)),
         "pass_rate": {
             "mean": round(statistics.fmean(decided_rates), 6) if decided_rates else None,
             "histogram": {f"{b / 10:.1f}-{(b + 1) / 10:.1f}": count for b, count in enumerate(bins)},
@@ -409,7 +510,7 @@ def _stats(cfg, records, rows, by_problem, pass_rates, contaminated, duplicates,
         "max_seq_len": max_len,
         "lengths": {
             "accepted": _summary([lengths[i] for i in accepted]),
-            "rejected": _summary([lengths[i] for i, row in enumerate(rows) if row.reject_reason is not None]),
+            "rejected": _summary([lengths[i] for i, reason in enumerate(rows.reject_reason) if reason is not None]),
         },
     }
 
@@ -418,7 +519,7 @@ def _stats(cfg, records, rows, by_problem, pass_rates, contaminated, duplicates,
 # plots and report
 
 
-def _plots(out: Path, rows: list[Row], pass_rates: dict[str, float | None], lengths: list[int], unit: str) -> list[str]:
+def _plots(out: Path, rows: Verdicts, pass_rates: dict[str, float | None], lengths: list[int], unit: str) -> list[str]:
     """PNG plots (matplotlib's Agg through Figure objects: no pyplot, no global backend change)."""
     from matplotlib.figure import Figure
 
@@ -426,7 +527,7 @@ def _plots(out: Path, rows: list[Row], pass_rates: dict[str, float | None], leng
     folder.mkdir(exist_ok=True)
     written = []
 
-    counts = Counter(row.reject_reason or "accepted" for row in rows)
+    counts = Counter(reason or "accepted" for reason in rows.reject_reason)
     names = ["accepted"] + [name for name in REASONS if counts[name]]
     figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.subplots()
@@ -439,8 +540,8 @@ def _plots(out: Path, rows: list[Row], pass_rates: dict[str, float | None], leng
 
     figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.subplots()
-    accepted = [lengths[i] for i, row in enumerate(rows) if row.reject_reason is None]
-    rejected = [lengths[i] for i, row in enumerate(rows) if row.reject_reason is not None]
+    accepted = [lengths[i] for i, reason in enumerate(rows.reject_reason) if reason is None]
+    rejected = [lengths[i] for i, reason in enumerate(rows.reject_reason) if reason is not None]
     if accepted or rejected:
         top = max(accepted + rejected) or 1
         edges = [top * b / 30 for b in range(31)]
@@ -468,7 +569,7 @@ def _snippet(text: str, limit: int = 90) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _report(path: Path, cfg, stats, records, rows, problem_ids, texts, contaminated, duplicates, skipped, plots) -> None:
+def _report(path: Path, cfg, stats, problem_ids, texts, contaminated, duplicates, skipped, plots) -> None:
     text_of = dict(zip(problem_ids, texts))
     lines = [
         "# distill filter report",

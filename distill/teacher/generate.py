@@ -210,6 +210,7 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     )
     for message in loaded.skipped[:20]:
         run_dir.log.info("skipped: %s", message)
+    run_dir.warn_dropped("malformed", len(loaded.skipped), len(loaded.problems) + len(loaded.skipped), "problem rows skipped as malformed (on_bad_row=skip)", "fix those rows (generate.log names the first 20)")
 
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop))
     requests = (

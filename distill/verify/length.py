@@ -1,65 +1,72 @@
 """The length check: does the whole conversation fit the student's maximum sequence length?
 
-Counted in the student's tokenizer as the student will see it in training: the prompt rendered
-by the student's chat template with the generation prompt, then the completion, then one
-end-of-turn token. (Counted in two pieces rather than rendering the assistant turn through the
-template, because some templates, DeepSeek-R1's among them, drop the reasoning of assistant
-turns when rendering a finished conversation; the two-piece count is the training length.)
+Counted exactly as `distill train --student P` will count it, by the training code itself: the
+conversation rendered with the chat template training uses (the preset's, e.g. chatml-think;
+else the model's own), split into prompt and trained segments and tokenized by
+`distill.students.data` (the one place that does it), compared with the `max_seq_len` training
+uses. So a trace the filter accepts is never dropped as too long by training.
 
-`--student` is a student preset name (when `distill.students.presets` provides one) or anything
-`AutoTokenizer.from_pretrained` loads: a hub id or a local directory.
+`max_seq_len` comes, in order, from: the filter's own `max_seq_len`; for a student preset, the
+smallest of its `max_seq_len` and those of its memory plans (llama-70b trains at 16k on one GPU,
+and the filter cannot know on how many GPUs training will run: set max_seq_len= to use a larger
+plan's); else what training defaults to, the model's context capped at 32768.
+
+`--student` is a student preset name, or a local model directory or hub id (what `distill
+train --student` takes); a directory holding only a tokenizer works too (then 32768 or
+max_seq_len=).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from distill.errors import ConfigError
 
-DEFAULT_MAX_SEQ_LEN = 32768  # DeepSeek-R1's generation limit, when neither preset nor flag says
+DEFAULT_MAX_SEQ_LEN = 32768  # what training caps a model's context at
 
 
 class StudentLength:
-    def __init__(self, student: str, max_seq_len: int | None = None):
-        tokenizer_name, preset_len = _resolve_student(student)
+    def __init__(self, student: str, max_seq_len: int | None = None, chat_template: str | None = None):
         from transformers import AutoTokenizer
 
+        from distill.students.chat import resolve_template
+        from distill.students.presets import PRESETS, is_preset, preset_limits
+
+        preset = is_preset(student)
+        model_id = PRESETS[student]["model"] if preset else student
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
         except Exception as error:  # missing dir, offline hub, bad files: all the user's to fix
             first = (str(error).splitlines() or [type(error).__name__])[0][:160]
             raise ConfigError(
-                f"--student {student}: could not load its tokenizer from '{tokenizer_name}' ({first}); "
-                "pass a student preset, a local tokenizer directory or a reachable hub id"
+                f"--student {student}: could not load its tokenizer from '{model_id}' ({first}); "
+                "pass a student preset, a local model directory or a reachable hub id"
             ) from None
+        choice = chat_template or (PRESETS[student]["config"].get("chat_template") if preset else None) or "auto"
+        self.template = resolve_template(choice, self.tokenizer)
         self.student = student
-        self.max_seq_len = max_seq_len or preset_len or DEFAULT_MAX_SEQ_LEN
-        self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
-
-    def count(self, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str]) -> list[int]:
-        """Tokens of each whole conversation (prompt messages + completion + end of turn)."""
-        if self.has_template:
-            rendered = [
-                self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-                for messages in prompts
-            ]
+        if max_seq_len:
+            self.max_seq_len, self.source = max_seq_len, "max_seq_len="
+        elif preset and preset_limits(student):
+            self.max_seq_len, self.source = preset_limits(student)
         else:
-            rendered = ["\n".join(m["content"] for m in messages) + "\n" for messages in prompts]
-        prompt_ids = self.tokenizer(rendered, add_special_tokens=not self.has_template)["input_ids"]
-        completion_ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-        return [len(p) + len(c) + 1 for p, c in zip(prompt_ids, completion_ids)]
+            self.max_seq_len, self.source = _model_limit(model_id), "the model's context (training's default)"
+
+    def count(self, conversations: Sequence[list[dict[str, str]]]) -> list[int]:
+        """Tokens of each whole conversation, as training encodes it."""
+        from distill.students.data import render_segments, tokenize_segments
+
+        rendered = [render_segments(messages, self.tokenizer, self.template) for messages in conversations]
+        return [len(example) for example in tokenize_segments(rendered, self.tokenizer)]
 
 
-def _resolve_student(student: str) -> tuple[str, int | None]:
-    """(tokenizer name, max sequence length or None) of a preset, or (student, None)."""
+def _model_limit(model_id: str) -> int:
+    from distill.students.sft import default_max_seq_len
+
     try:
-        from distill.students.presets import PRESETS  # lands with the SFT stage
-    except ImportError:
-        return student, None
-    preset: Any = PRESETS.get(student) if isinstance(PRESETS, dict) else None
-    if preset is None:
-        return student, None
-    get = preset.get if isinstance(preset, dict) else (lambda key, default=None: getattr(preset, key, default))
-    name = get("tokenizer") or get("model") or get("model_id") or student
-    length = get("max_seq_len") or get("max_seq_length") or get("seq_len")
-    return str(name), int(length) if length else None
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError):  # a directory with a tokenizer only: no model to train yet
+        return DEFAULT_MAX_SEQ_LEN
+    return default_max_seq_len(config)
