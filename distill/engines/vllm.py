@@ -223,10 +223,18 @@ def _stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 def _build_llm(vllm: Any, llm_kwargs: Mapping[str, Any]) -> Any:
+    import torch
+
+    # vLLM's CPU worker, when it runs in this process (colocated), lowers torch's thread count and
+    # replaces torch.set_num_threads with a no-op for good; the trainer beside it keeps its own.
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     try:
         return vllm.LLM(**llm_kwargs)
     except Exception as error:  # vLLM raises many kinds; each becomes one line with what to change
         raise DistillError(_startup_error(llm_kwargs, error)) from None
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
 
 
 def run_engine(llm: Any, jobs: Iterable[dict[str, Any] | None], max_queued: int, ids: Iterator[int] | None = None) -> Iterator[Completion]:
