@@ -455,7 +455,7 @@ def _replica_main(rank: int, environment: dict[str, str], devices: str, llm_kwar
 
 def _cpu_defaults(llm_kwargs: dict[str, Any], extra: Mapping[str, Any]) -> None:
     """Settings that make vLLM's CPU build start without flags (see the module docstring)."""
-    llm_kwargs.setdefault("enable_chunked_prefill", extra.get("enable_chunked_prefill", False))
+    llm_kwargs["enable_chunked_prefill"] = False  # `extra` may still turn it on
     sized = "gpu_memory_utilization" in llm_kwargs or "kv_cache_memory_bytes" in llm_kwargs or "kv_cache_memory_bytes" in extra
     if not sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         import psutil
