@@ -302,6 +302,8 @@ def vllm_bench(args) -> str:
         "distill's side also renders prompts, writes each sample with its provenance to fsync'd JSONL as it",
         "finishes, and keeps the engine fed through `add_request`/`step` (FINAL_ONLY outputs). Its time is",
         "`metrics.json`'s `run.wall_time_s`, which no longer includes the engine's shutdown (about 5 s on CPU).",
+        f"Output tokens: {results['plain'][0]['tokens']} (plain) and {results['distill'][0]['tokens']} (distill): the same seeds give the same",
+        "samples. Single rounds vary with the load of other jobs; the sides alternate, so read the medians' ratio.",
         "GPU figures are not measured (no GPU was available to this task).",
         "",
     ]
