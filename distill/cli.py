@@ -189,6 +189,7 @@ def compare(
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for the demo's run directories (default runs/demo, with --quick runs/demo-quick)."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: the same six steps in about 70 seconds on 2 CPU cores."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="hf or vllm: teacher sampling, RL rollouts and evals (default: hf)."),
     recipe: Optional[Path] = RECIPE,
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
@@ -199,7 +200,7 @@ def demo(
     """
     from distill.toy.demo import load_demo_config, run
 
-    loaded = load_demo_config(quick=quick, out=out, recipe=recipe, overrides=overrides or [])
+    loaded = load_demo_config(quick=quick, out=out, recipe=recipe, overrides=overrides or [], engine=engine)
     run(loaded.config, loaded.sources)
 
 

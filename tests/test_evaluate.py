@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_path
 from distill.errors import ConfigError
 from distill.evaluate import EvalConfig, read_protocol, run, samples_path
-from distill.teacher.generate import HFOptions, VLLMOptions, sample_seed
+from distill.teacher.generate import HFOptions, sample_seed
 from distill.records import read_traces
 
 FIGURES = ("pass@1", "pass@1_se", "pass@1_ci95", "cons@k", "pass@k", "response_tokens_mean",
@@ -93,25 +93,3 @@ def test_eval_cli_errors(tmp_path, run_cli):
     assert code == 2 and "neither a benchmark" in err
     code, _, err = run_cli("eval", "--rescore", str(tmp_path))
     assert code == 2 and "protocol.json: not found" in err
-
-
-def test_eval_with_the_vllm_adapter_on_a_standin(tiny_qwen, tmp_path, monkeypatch):
-    """The vllm path (the users' default) against the stand-in of vLLM's API in tests/standins:
-    not vLLM itself, which cannot be installed here. Checks what eval records of it."""
-    import sys
-    from pathlib import Path
-
-    standins = Path(__file__).parent / "standins"
-    monkeypatch.syspath_prepend(str(standins))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    try:
-        metrics = run(tiny_eval(tiny_qwen, tmp_path / "vllm", engine="vllm", benchmarks=("aime24",), limit=1,
-                                vllm=VLLMOptions(tensor_parallel_size=1, data_parallel_size=1, dtype="bfloat16")))
-    finally:
-        sys.modules.pop("vllm", None)
-    environment = metrics["environment"]
-    assert environment["engine_version"] == "vllm 0.0.0+standin" and environment["dtype"] == "bfloat16"
-    assert environment["tensor_parallel_size"] == 1 and environment["engine_options"]["seed"] == 0
-    records = read_traces(samples_path(tmp_path / "vllm", "aime24")).records
-    assert len(records) == 2 and all(r.engine == "vllm" for r in records)
-    assert metrics["benchmarks"]["aime24"]["samples"] == 2

@@ -221,39 +221,89 @@ def test_problems_without_a_reference_are_skipped_and_counted_not_rewarded_zero(
 
 
 @pytest.fixture
-def vllm_standin(monkeypatch):
-    """tests/standins/vllm on the path as `vllm` (an imitation of its API, not vLLM), and the
-    environment its colocated mode sets restored afterwards."""
-    import sys
+def base_with_a_base_models_eos(tmp_path):
+    """The toy base student with a base model's EOS (`<|endoftext|>`, as Qwen2.5 base models
+    ship) instead of the chat template's end of turn (`<|im_end|>`), which it still writes."""
+    import shutil
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "standins"))
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        del sys.modules[name]
+    from distill import toy
+
+    model = tmp_path / "base"
+    shutil.copytree(toy.BASE_DIR, model)
+    for name, key, value in (("config.json", "eos_token_id", 1), ("generation_config.json", "eos_token_id", [1]),
+                             ("tokenizer_config.json", "eos_token", "<|endoftext|>")):  # fmt: skip
+        settings = json.loads((model / name).read_text())
+        settings[key] = value
+        (model / name).write_text(json.dumps(settings))
+    return model
 
 
-def test_colocated_vllm_gets_the_policy_weights_after_every_update(tiny_qwen, tmp_path, vllm_standin):
-    import vllm  # the stand-in
-    from transformers import AutoModelForCausalLM
+def hf_logprobs(model_dir, ids: list[int], rope_theta: float) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1 under the Hugging Face model, at temperature 1."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    settings = AutoConfig.from_pretrained(model_dir)
+    settings.rope_parameters = {**settings.rope_parameters, "rope_theta": rope_theta}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=settings, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)  # (T, V)
+    return [logprobs[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def test_colocated_vllm_samples_from_the_policy_after_every_update(base_with_a_base_models_eos, tmp_path, monkeypatch):
+    """The real vLLM, colocated: after the last update the engine's log-probs of a fixed
+    completion are the trained policy's (weights synced every step, RoPE override included),
+    and rollouts stop at the chat template's end of turn although the model's EOS is another."""
+    import socket
+
+    from conftest import SharedEngine, real_vllm
+
+    import distill.engines
+    from distill import toy
     from distill.students.grpo import run
 
-    data = tmp_path / "problems.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {a}+1?", "answer": str(a + 1)}) + "\n" for a in range(4)))
-    cfg = config((tiny_qwen, data), tmp_path / "run", engine="vllm", steps=2, group_size=2, prompts_per_step=2, max_tokens=4,
-                 lora=True, lora_r=2, micro_batch_size=4)  # fmt: skip
-    run(cfg)
-    llm = vllm.INSTANCES[-1]
-    assert llm.engine_args["distributed_executor_backend"] == "external_launcher", "colocated with the trainer"
-    loaded = llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded
-    # under the base model's names (LoRA merged in, peft's prefixes gone): at start, then after each step
-    base_names = list(AutoModelForCausalLM.from_pretrained(tiny_qwen).state_dict())
-    assert loaded == base_names * 3
-    assert llm.prefix_cache_resets == 3
+    vllm = real_vllm()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # what the colocated engine sets in this process, undone after the test
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(port)), ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    engines = []
+    build = distill.engines.make_engine
+
+    def keep(name, model=None, **options):  # the stage closes it; the test reads it first
+        engines.append(build(name, model, **options))
+        return SharedEngine(engines[-1], str(model))
+
+    monkeypatch.setattr(distill.engines, "make_engine", keep)
+    data = toy.write_problems(toy.train_split(8, seed=0, name="grpo", levels=(1, 2)), tmp_path / "problems.jsonl")
+    theta = 20000.0  # not the checkpoint's 10000: the engine must sample with the trainer's RoPE
+    cfg = config((base_with_a_base_models_eos, data), tmp_path / "run", engine="vllm", steps=2, group_size=4, prompts_per_step=2,
+                 max_tokens=toy.MAX_NEW_TOKENS, lr=1e-3, instruction="", chat_template="model", end_of_turn="<|im_end|>",
+                 rope_theta=theta, micro_batch_size=8, engine_options="{extra: {enforce_eager: true}}")  # fmt: skip
+    try:
+        run(cfg)
+        (engine,) = engines
+        llm = engine._llm
+        assert llm.llm_engine.model_config.hf_config.rope_parameters["rope_theta"] == theta
+        tokenizer = engine.tokenizer
+        text = "<|im_start|>user\n3+4<|im_end|>\n<|im_start|>assistant\n<think>\n3+4=7\n</think>\n\\boxed{7}<|im_end|>"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        (output,) = llm.generate([{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
+        sampled = [entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], ids[1:])]
+    finally:
+        for engine in engines:
+            engine.close()
+    trained = hf_logprobs(tmp_path / "run" / "model", ids, theta)
+    base = hf_logprobs(base_with_a_base_models_eos, ids, theta)
+    assert max(abs(a - b) for a, b in zip(sampled, trained)) < 2e-3, "the engine samples from the trained policy"
+    assert max(abs(a - b) for a, b in zip(base, trained)) > 2e-2, "the updates changed the policy enough to tell"
     rows = metrics(tmp_path / "run")
-    assert [r["completions"] for r in rows] == [4, 4]
+    assert [r["completions"] for r in rows] == [8, 8]
+    assert all(r["truncation_rate"] < 0.5 for r in rows), "rollouts stop at <|im_end|>, not at max_tokens"
 
 
 @pytest.mark.slow

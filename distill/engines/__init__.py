@@ -10,7 +10,7 @@ what the eval protocol's "each sample with its own fixed seed" means.
 
 Engines:
     hf      transformers `generate`, batched; CPU and small GPUs; tests and the demo use it
-    vllm    vLLM in-process (the [gpu] extra)
+    vllm    vLLM in-process (the [gpu] extra; without a GPU, vLLM's CPU build from `make setup`)
     openai  any OpenAI-compatible server (vllm serve, SGLang, hosted APIs)
 
 `make_engine` imports only the engine asked for, so a machine without vLLM never imports it.

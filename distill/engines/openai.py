@@ -13,6 +13,10 @@
   403 and 404 stop the run (wrong key, model or URL); a 400 (e.g. prompt too long) fails only
   that sample. A sample that still fails comes back with finish_reason "error" and is not
   written, so rerunning the command retries it.
+- A run-wide breaker: `max_connection_failures` connection failures in a row over all requests
+  (refused, reset or dropped connections: no answer at all, unlike a 5xx) mean the server is
+  gone, and the run stops at once with one line saying so; what finished is kept. Without it a
+  dead server cost every remaining request all its retries (minutes, not seconds).
 - Servers that split the reasoning out (`reasoning_content`, or `reasoning`) have it folded
   back as "<think>\\n{reasoning}\\n</think>\\n\\n{content}", R1's own layout.
 - The API key is read from the environment variable named by `api_key_env` (default
@@ -56,6 +60,7 @@ class OpenAIEngine:
         backoff_s: float = 1.0,
         backoff_max_s: float = 60.0,
         check_server: bool = True,
+        max_connection_failures: int = 8,
         extra_body: dict[str, Any] | None = None,
     ):
         if not model:
@@ -72,7 +77,9 @@ class OpenAIEngine:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.extra_body = dict(extra_body or {})
+        self.max_connection_failures = max_connection_failures
         self.retries = 0  # retried attempts over the engine's life, for metrics
+        self._failures = 0  # connection failures in a row, over all requests (the breaker)
         self._version: str | None = None
         if check_server:
             self.check_server()
@@ -202,7 +209,15 @@ class OpenAIEngine:
                 response = await client.post(url, json=body)
             except (httpx.TimeoutException, httpx.TransportError) as error:  # timeouts, refused, dropped
                 last_error = f"{type(error).__name__}: {error}"
+                if isinstance(error, (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)):
+                    self._failures += 1  # no answer at all (a slow answer, ReadTimeout, is not counted)
+                    if self._failures >= self.max_connection_failures:
+                        raise DistillError(
+                            f"the server at {self.base_url} stopped answering ({self._failures} connection failures in a row, "
+                            f"last: {last_error}); finished samples are kept: rerun the same command once it is back"
+                        ) from None
             else:
+                self._failures = 0  # it answered: the server is there
                 status = response.status_code
                 if status == 200:
                     try:

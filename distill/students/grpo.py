@@ -60,8 +60,9 @@ Choices, and how this differs from the papers:
   A student preset brings its model, chat template and memory plan, not SFT's learning rate.
 - Rollouts: `engine=hf` samples from the policy object itself (under FSDP its parameters are
   gathered once for the whole rollout); `engine=vllm` runs vLLM in the same process
-  (colocated, gpu_memory_utilization 0.3 by default) and loads the new weights after every
-  update (LoRA merged for the copy). Each rank rolls out prompts_per_step / world prompts.
+  (colocated; on GPUs gpu_memory_utilization 0.3 by default) and loads the new weights after
+  every update (LoRA merged for the copy); its rollouts stop at the chat template's end of
+  turn, as the hf engine's do. Each rank rolls out prompts_per_step / world prompts.
 - Prompts render exactly as distill generate and distill eval render them (teacher.prompts with
   the student's chat template and the R1 instruction); the `<think>` prefill is put back
   before grading, so the format reward sees the whole reasoning block.
@@ -368,10 +369,19 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     if cfg.engine == "hf":  # samples from the policy module itself: always the current weights
         engine = make_engine("hf", model_id, tokenizer=tokenizer, hf_model=model, **cfg.engine_options)
     else:  # vLLM in this process, beside the trainer; its weights are replaced after every update
-        options = {"colocate": True, "gpu_memory_utilization": 0.3, "seed": cfg.seed, **cfg.engine_options}
+        # sampled in the trainer's precision (vLLM's "auto" is bf16 on CPU too, the trainer's fp32 there)
+        options = {"colocate": True, "seed": cfg.seed, "dtype": "bfloat16" if dist.mixed_precision else "float32", **cfg.engine_options}
+        if dist.device.type == "cuda":  # the trainer keeps the rest of the GPU (on CPU the engine sizes its KV cache in GiB)
+            options.setdefault("gpu_memory_utilization", 0.3)
         # the trainer's RoPE changes (the Qwen2.5-Math presets' 300k base, 32k positions) must
-        # reach vLLM's copy of the model too, or it samples with another position encoding
-        changed = {k: v for k, v in (("rope_theta", cfg.rope_theta), ("max_position_embeddings", cfg.max_position_embeddings)) if v}
+        # reach vLLM's copy of the model too, or it samples with another position encoding;
+        # under transformers 5 the base lives in `rope_parameters` (load_student put it there)
+        changed: dict[str, Any] = {}
+        if cfg.rope_theta:
+            parameters = getattr(hf_config, "rope_parameters", None)
+            changed.update({"rope_parameters": dict(parameters)} if isinstance(parameters, dict) else {"rope_theta": cfg.rope_theta})
+        if cfg.max_position_embeddings:
+            changed["max_position_embeddings"] = cfg.max_position_embeddings
         if changed:
             options["extra"] = {"hf_overrides": changed, **(options.get("extra") or {})}
         engine = make_engine("vllm", model_id, tokenizer=tokenizer, **options)

@@ -69,7 +69,8 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int | None = None  # replicas; None = every visible GPU // (tp * pp)
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None  # None: vLLM's 0.9 on GPUs; on CPU the KV cache is sized in GiB instead
+    kv_cache_gib: float | None = None  # None: on CPU $VLLM_CPU_KVCACHE_SPACE, else 1/4 of free memory (at most 4)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True  # the n samples of a problem share their prompt's KV
     dtype: str = "auto"
@@ -86,6 +87,7 @@ class OpenAIOptions:
     max_in_flight: int = 64
     timeout_s: float = 3600.0  # per request: a 32k-token trace takes minutes
     max_retries: int = 8
+    max_connection_failures: int = 8  # in a row, over all requests: the server is gone, the run stops
     backoff_s: float = 1.0
     backoff_max_s: float = 60.0
     extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {top_k: 20}
@@ -262,6 +264,7 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
                 if now - last_log >= 10:
                     run_dir.log_metrics(stats.snapshot(now - generation_started, complete))
                     last_log = now
+        generation_ended = time.time()  # before the engine's shutdown, which is not generation
     finally:
         # Ctrl-C, an engine error: what finished is kept, and the same command resumes.
         if buffer:
@@ -274,7 +277,7 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
 
     # ---- metrics: totals over the whole trace file, and this run's throughput
     wall = time.time() - started
-    generation = time.time() - generation_started
+    generation = generation_ended - generation_started
     totals = existing.merged(stats)
     metrics = {
         "teacher": cfg.model,

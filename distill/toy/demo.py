@@ -3,6 +3,7 @@
     distill demo                      # about 4 minutes on 2 CPU cores
     distill demo --quick              # the same six steps at small size, about 70 seconds
     distill demo --out runs/demo key=value ...   # any DemoConfig field, e.g. samples=8
+    distill demo --engine vllm --out runs/demo-vllm   # vLLM for teacher sampling, RL rollouts and evals
 
 Each step is the stage's own `run` (what its `distill <stage>` command calls), writing its own
 run directory under --out, so every file the pipeline makes can be opened and every step rerun
@@ -10,7 +11,7 @@ by hand with the command printed before it (`distill <stage> --recipe RUN/config
 
     data/       train.jsonl (problems the teacher solves and GRPO trains on), test/L1..L5.jsonl
                 (the held-out split, one benchmark per difficulty level)
-    generate/   1. the toy teacher samples `samples` traces per training problem (hf engine)
+    generate/   1. the toy teacher samples `samples` traces per training problem (hf engine, or --engine vllm)
     filter/     2. the shared verifier and the other filters keep the good traces; the training
                 problems are decontaminated against the test split
     train/      3. the base student distilled on the accepted traces
@@ -30,6 +31,10 @@ The models start from distill/toy/assets (teacher and base student, made by
   the teacher tokens the distilled one cost, so the budgets can be read.
 - Eval follows the R1 protocol (temperature 0.6, top-p 0.95, k samples with their own seeds),
   with max_tokens the toy traces need.
+- `engine=vllm` samples with vLLM (the CPU build `make setup` installs) wherever the hf engine
+  would: the teacher, the GRPO rollouts (colocated, weights synced every step) and the evals.
+  In float32, as the hf engine on CPU, and without torch.compile (`enforce_eager`): for models
+  this small, compiling costs more start-up time than it saves.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from distill import toy
 
@@ -49,6 +54,7 @@ from distill import toy
 class DemoConfig:
     out: Path = Path("runs/demo")  # with --quick and no --out: runs/demo-quick
     quick: bool = False  # the QUICK sizes below (set by --quick)
+    engine: Literal["hf", "vllm"] = "hf"  # teacher sampling, GRPO rollouts and evals (set by --engine)
     seed: int = 0
     # data
     problems: int = 400  # training problems (teacher sampling, GRPO prompts)
@@ -91,7 +97,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     from distill.students.sft import run as train
     from distill.teacher.filter import FilterConfig
     from distill.teacher.filter import run as filter_
-    from distill.teacher.generate import GenerateConfig, HFOptions
+    from distill.teacher.generate import GenerateConfig, HFOptions, VLLMOptions
     from distill.teacher.generate import run as generate
     from distill.toy.build import write_level_files
 
@@ -122,14 +128,18 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     test_benchmarks = write_level_files(toy.heldout_split(cfg.test_per_level), out / "data" / "test")
     test_files = [spec.split("=", 1)[1] for spec in test_benchmarks]
     hf = HFOptions(batch_size=cfg.batch_size, device="cpu")
+    vllm = VLLMOptions(dtype="float32", extra={"enforce_eager": True})
+    engine = {"engine": cfg.engine, "hf": hf, "vllm": vllm}  # generate's and eval's engine settings
+    rollouts = (f"engine_options={{batch_size: {cfg.batch_size}, device: cpu}}" if cfg.engine == "hf"
+                else "engine_options={extra: {enforce_eager: true}}")  # fmt: skip
     instruction = toy.INSTRUCTION
 
     # ---- 1. generate -------------------------------------------------------------------------
     step("generate", "generate", "generate")
     generated = generate(GenerateConfig(
-        model=str(toy.TEACHER_DIR), data=str(train_problems), out=out / "generate", engine="hf", n=cfg.samples,
+        model=str(toy.TEACHER_DIR), data=str(train_problems), out=out / "generate", n=cfg.samples,
         max_tokens=toy.MAX_NEW_TOKENS, temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p, seed=cfg.seed,
-        instruction=instruction, hf=hf,
+        instruction=instruction, **engine,
     ))  # fmt: skip
     done("generate")
 
@@ -163,7 +173,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         f"steps={steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
         f"max_tokens={toy.MAX_NEW_TOKENS}", f"lr={cfg.grpo_lr}", "instruction=", "chat_template=model",
         "micro_batch_size=64", f"seed={cfg.seed}", "save_every=1000", "verifier_workers=1",
-        f"engine_options={{batch_size: {cfg.batch_size}, device: cpu}}",
+        f"engine={cfg.engine}", rollouts,
     )  # fmt: skip
     loaded = load_grpo_config(overrides=rl_overrides)
     reinforced = grpo(loaded.config, loaded.sources)
@@ -176,8 +186,8 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     for run_name, model in models.items():
         step(run_name, "eval", run_name)
         evaluations[run_name] = evaluate(EvalConfig(
-            model=model, benchmarks=test_benchmarks, out=out / run_name, engine="hf", k=cfg.k,
-            max_tokens=toy.MAX_NEW_TOKENS, instruction=instruction, seed=cfg.seed, hf=hf, verifier_workers=1,
+            model=model, benchmarks=test_benchmarks, out=out / run_name, k=cfg.k,
+            max_tokens=toy.MAX_NEW_TOKENS, instruction=instruction, seed=cfg.seed, verifier_workers=1, **engine,
             name=names[run_name],
         ))  # fmt: skip
         done(run_name)
@@ -238,9 +248,9 @@ def summary_lines(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_demo_config(quick: bool = False, out: Path | None = None, recipe: Path | None = None, overrides=()) -> Any:
+def load_demo_config(quick: bool = False, out: Path | None = None, recipe: Path | None = None, overrides=(), engine: str | None = None) -> Any:
     """The demo's config: defaults < the QUICK sizes (with --quick) < recipe < flags < key=value."""
     from distill.config import load_config
 
-    flags = {"quick": quick or None, "out": out if out is not None else Path("runs/demo-quick") if quick else None}
+    flags = {"quick": quick or None, "out": out if out is not None else Path("runs/demo-quick") if quick else None, "engine": engine}
     return load_config(DemoConfig, recipe=recipe, flags=flags, overrides=overrides, preset=QUICK if quick else None, preset_name="--quick")

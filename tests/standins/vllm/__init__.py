@@ -1,12 +1,13 @@
 """A STAND-IN for the parts of vLLM's API that distill/engines/vllm.py calls. It is not vLLM.
 
-vLLM cannot be installed on our development and CI machines (no GPU), so the adapter is
-tested against this small imitation of its documented offline API:
+The adapter is tested against the real vLLM (vLLM's CPU build) everywhere vLLM can run on CPU.
+This imitation is kept only for what needs GPUs: tensor and pipeline parallelism, and replicas
+spread over GPUs (tests/test_engines_vllm.py, the last test). It imitates:
 `LLM(**engine_args)`, `LLM.get_tokenizer()`, `LLM.reset_prefix_cache()`,
-`LLM.llm_engine.add_request(request_id, prompt, params)` / `.step()` /
-`.has_unfinished_requests()`, `SamplingParams(n, temperature, top_p, max_tokens, seed, stop)`,
-`RequestOutput(request_id, prompt_token_ids, outputs, finished)` and the in-process model behind
-`llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`.
+`LLM.llm_engine.add_request(request_id, prompt, params)` / `.step()` / `.abort_request(ids)`,
+`SamplingParams(n, temperature, top_p, max_tokens, seed, stop, stop_token_ids, output_kind)`,
+`RequestOutput(request_id, prompt_token_ids, outputs, finished)`, `EngineArgs` (its field
+names) and `ModelRegistry.get_supported_archs()`.
 
 It checks argument names strictly (an unknown engine argument is a TypeError, as in vLLM) and
 schedules like a continuous-batching engine: up to `max_num_seqs` requests decode one token per
@@ -26,17 +27,46 @@ __version__ = "0.0.0+standin"
 ENGINE_ARGS = {
     "model", "tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
     "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "dtype", "seed",
-    "distributed_executor_backend", "max_num_seqs", "trust_remote_code",
+    "distributed_executor_backend", "max_num_seqs", "trust_remote_code", "kv_cache_memory_bytes", "enable_chunked_prefill",
+    "enforce_eager", "hf_overrides",
 }
 INSTANCES: list["LLM"] = []  # every LLM built in this process, for tests to inspect
 
 
+@dataclass
+class EngineArgs:  # the field names only: the adapter checks extra= against them
+    model: str = ""
+    tokenizer: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    distributed_executor_backend: str | None = None
+    max_num_seqs: int | None = None
+    trust_remote_code: bool = False
+
+
+class ModelRegistry:
+    @staticmethod
+    def get_supported_archs() -> list[str]:
+        return ["Qwen2ForCausalLM", "LlamaForCausalLM"]
+
+
 class SamplingParams:
     def __init__(self, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int | None = 16,
-                 seed: int | None = None, stop: list[str] | None = None):
+                 seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+                 output_kind: Any = None):
         if n != 1:
             raise ValueError("the stand-in supports n=1 only")
         self.n, self.temperature, self.top_p, self.max_tokens, self.seed, self.stop = n, temperature, top_p, max_tokens, seed, stop
+        self.stop_token_ids, self.output_kind = stop_token_ids, output_kind
 
 
 @dataclass
@@ -64,21 +94,6 @@ class _Running:
     produced: int = 0
 
 
-class _Model:
-    def __init__(self) -> None:
-        self.loaded: list[str] = []
-
-    def load_weights(self, weights: Any) -> set[str]:
-        names = [name for name, _ in weights]
-        self.loaded += names
-        return set(names)
-
-
-class _Namespace:
-    def __init__(self, **items: Any) -> None:
-        self.__dict__.update(items)
-
-
 class _Engine:
     def __init__(self, tokenizer: Any, eos_token_id: int, max_num_seqs: int):
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`: decode only, light to import
@@ -88,7 +103,6 @@ class _Engine:
         self.running: list[_Running] = []
         self.added = 0
         self.peak_unfinished = 0
-        self.model_executor = _Namespace(driver_worker=_Namespace(model_runner=_Namespace(model=_Model())))
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
         if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
@@ -108,6 +122,10 @@ class _Engine:
         self.waiting.append(_Running(request_id, list(prompt["prompt_token_ids"]), planned, reason))
         self.added += 1
         self.peak_unfinished = max(self.peak_unfinished, len(self.waiting) + len(self.running))
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.waiting = [r for r in self.waiting if r.request_id not in request_ids]
+        self.running = [r for r in self.running if r.request_id not in request_ids]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
