@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from distill.rundir import RunDir
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
-    from distill.students.data import collate, epoch_order, plan_step
+    from distill.students.data import collate, epoch_order, iter_conversations, plan_step
     from distill.students.logprobs import Scorer
     from distill.students.parallel import load_sharded, peak_memory_gb
 
