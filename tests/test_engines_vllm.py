@@ -221,9 +221,11 @@ def test_generation_time_excludes_the_engine_shutdown(engine, problems, tmp_path
             time.sleep(3)
 
     share_engine(monkeypatch, SlowShutdown(engine.engine, BASE))
+    started = time.perf_counter()
     metrics = generate.run(generate_config(problems, tmp_path / "timed", limit=4))
+    whole = time.perf_counter() - started
     assert metrics["samples"] == 8
-    assert metrics["run"]["wall_time_s"] < 3, "the 3 s shutdown is not generation time"
+    assert metrics["run"]["wall_time_s"] <= whole - 3, "the 3 s shutdown is not generation time"
 
 
 @pytest.fixture(scope="module")
