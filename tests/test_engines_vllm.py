@@ -278,6 +278,8 @@ def test_eval_on_vllm(vllm_eval):
 
 
 def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkeypatch):
+    import psutil
+
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("needs 2 CPU cores")
@@ -289,8 +291,11 @@ def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkey
         first = list(replicas.generate(requests))
         second = {c.key: c.text for c in replicas.generate(reversed(requests))}  # replicas outlive a call
         devices, processes = replicas._replicas.devices, replicas._replicas.processes
+        started = {p.pid: psutil.Process(p.pid).children(recursive=True) for p in processes}  # vLLM's engine cores
     finally:
         replicas.close()
+    assert not [c for children in started.values() for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
+        "no vLLM process outlives the engine"
     assert {c.key: c.text for c in first} == expected == second
     assert devices == {0: str(cores[0]), 1: str(cores[1])}, "each replica is bound to its own core"
     assert {c.info["replica"] for c in first} <= {0, 1}
