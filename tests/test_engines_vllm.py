@@ -312,6 +312,7 @@ def server(tmp_path_factory):
     import socket
 
     import httpx
+    import psutil
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -327,6 +328,7 @@ def server(tmp_path_factory):
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment)
     base_url = f"http://127.0.0.1:{port}/v1"
+    engine_processes: list = []
     try:
         deadline = time.time() + 400
         while True:
@@ -340,6 +342,7 @@ def server(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"the vLLM server did not start in 400 s: {log.read_text()[-3000:]}")
             time.sleep(1)
+        engine_processes = psutil.Process(process.pid).children(recursive=True)  # vLLM's engine core and worker
         yield base_url, process
     finally:
         if process.poll() is None:
@@ -349,6 +352,12 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # the dead-server test kills the server with SIGKILL: its engine core would outlive it
+        for child in engine_processes:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
 
 def test_generate_through_the_server_matches_the_in_process_engine(server, uninterrupted, problems, tmp_path):
