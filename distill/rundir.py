@@ -177,13 +177,17 @@ def removed_if_refused(path: str | Path | None) -> Iterator[None]:
         raise
 
 
-# Files that say what a run will do, not what it did (eval's protocol.json is written up front).
+# Files that say what a run will do, not what it did (eval's protocol.json is written up front),
+# and caches a run rebuilds (train's tokenized data, written before the data is found empty).
 _DESCRIPTIONS = (CONFIG_FILE, "protocol.json")
+_CACHES = ("tokenized",)
 
 
 def _holds_no_output(directory: Path) -> bool:
     """Nothing in `directory` but descriptions, logs, empty files and folders."""
     for item in directory.rglob("*"):
+        if set(item.relative_to(directory).parts) & set(_CACHES):
+            continue
         if item.is_file() and item.stat().st_size and item.name.removesuffix(".tmp") not in _DESCRIPTIONS and item.suffix != ".log":
             return False
     return True

@@ -193,14 +193,23 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     tokenizer = engine.tokenizer if engine else None
     if tokenizer is not None and cfg.chat_template is not None:
         tokenizer.chat_template = load_chat_template(cfg.chat_template)
+    # Prompts are rendered as their requests are handed to the engine and dropped once their
+    # problem's last sample is written: memory holds the prompts in flight, not one per problem
+    # (800k problems of a large run).
     rendered: dict[str, RenderedPrompt] = {}
-    for problem, _ in todo.values():
+    remaining = Counter(problem.id for problem, _ in todo.values())  # samples still missing per problem
+
+    def prompt_of(problem: Problem) -> RenderedPrompt:
         if problem.id not in rendered:
             rendered[problem.id] = render_prompt(tokenizer, problem.problem, system=cfg.system, instruction=cfg.instruction)
+        return rendered[problem.id]
+
+    if todo:  # a prompt the template cannot render stops the run here, before the run directory is made
+        prompt_of(next(iter(todo.values()))[0])
 
     run_dir = RunDir(out, "generate", cfg, sources, locked=LOCKED)
     writer = TraceWriter(trace_path)
-    complete = sum(1 for p in problems if p.id not in rendered)
+    complete = sum(1 for p in problems if p.id not in remaining)
     run_dir.announce(
         f"distill generate: teacher {cfg.model} on {engine_name} ({engine_version}), {len(problems)} problems x n={cfg.n} from {cfg.data}"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "") + f" -> {out}",
@@ -218,10 +227,10 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     requests = (
         Request(
             key=key,
-            prompt=rendered[problem.id].text or "",
+            prompt=prompt_of(problem).text or "",
             sampling=sampling,
             seed=sample_seed(cfg.seed, problem.id, sample_idx),
-            messages=rendered[problem.id].messages,
+            messages=prompt_of(problem).messages,
         )
         for key, (problem, sample_idx) in todo.items()
     )
@@ -234,7 +243,6 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     }
 
     # ---- generate: write each completion as it finishes
-    remaining = Counter(problem.id for problem, _ in todo.values())  # samples still missing per problem
     stats = RunStats()
     buffer: list[TraceRecord] = []
     generation_started = last_flush = last_log = time.time()
@@ -253,10 +261,12 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
             if completion.finish_reason == "error":
                 stats.errors.append(f"{completion.key}: {completion.info.get('error', 'engine error')}")
                 continue
-            buffer.append(_record(cfg, problem, sample_idx, rendered[problem.id], completion, provenance))
+            buffer.append(_record(cfg, problem, sample_idx, prompt_of(problem), completion, provenance))
             stats.add(completion)
             remaining[problem.id] -= 1
-            complete += remaining[problem.id] == 0
+            if remaining[problem.id] == 0:
+                complete += 1
+                rendered.pop(problem.id, None)
             now = time.time()
             if len(buffer) >= cfg.flush_every or now - last_flush >= cfg.flush_seconds:
                 flush()
