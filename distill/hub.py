@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+
 from distill.errors import InputError
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
