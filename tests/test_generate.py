@@ -130,7 +130,7 @@ def test_bad_rows_stop_before_work_or_are_counted_when_skipped(tiny_qwen, run_cl
 
 
 @pytest.mark.parametrize("engine, extra, code, message", [
-    ("hf", [], 1, "cannot load the tokenizer of teacher"),
+    ("hf", [], 2, "cannot load the tokenizer of"),
     ("vllm", [], 3, "pip install 'distill[gpu]'"),
     ("openai", [f"openai.base_url={closed_port_url()}"], 1, "cannot reach the OpenAI-compatible server"),
 ])

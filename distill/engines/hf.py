@@ -298,8 +298,10 @@ def _load_tokenizer(model: str, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as error:  # OSError, ValueError, HF hub errors: one message for the user
-        raise DistillError(f"cannot load the tokenizer of teacher '{model}': {_first_line(error)}; check the model id or path (and HF_HUB_OFFLINE / network)") from None
+    except Exception as error:  # OSError, ValueError, HF hub errors: one line naming the true cause
+        from distill.hub import model_error
+
+        raise model_error(model, error, f"cannot load the tokenizer of '{model}'") from None
 
 
 def _load_model(model: str, device: str, dtype: Any, trust_remote_code: bool):
@@ -308,10 +310,8 @@ def _load_model(model: str, device: str, dtype: Any, trust_remote_code: bool):
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as error:
-        raise DistillError(f"cannot load teacher '{model}': {_first_line(error)}; check the model id or path (and HF_HUB_OFFLINE / network)") from None
+        from distill.hub import model_error
+
+        raise model_error(model, error, f"cannot load '{model}'") from None
     return loaded.to(device)
 
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
