@@ -25,7 +25,8 @@ What is read, and from where (no stage's code is called; only files):
   spellings listed in COST_KEYS are accepted too.
 
 The protocol check: runs whose protocol differs on a shared benchmark (k, temperature, top_p,
-max tokens, prompt: system prompt and instruction, or the problem set: `--limit`) are refused,
+max tokens, prompt: system prompt and instruction, the problem set: `--limit`, or the
+verifier's no_answer_fallback) are refused,
 naming the difference, unless `allow_protocol_mismatch`; then the cells are marked and the
 paired test uses the problems both runs scored.
 
@@ -58,7 +59,7 @@ COST_KEYS = {
 }
 TRAINING_STAGES = ("train", "grpo")
 MADE_BY = ("generate", "filter", *TRAINING_STAGES)  # the stages whose cost is part of a model's
-PROTOCOL_KEYS = ("k", "temperature", "top_p", "max_tokens", "prompt", "problem_set")
+PROTOCOL_KEYS = ("k", "temperature", "top_p", "max_tokens", "prompt", "problem_set", "no_answer_fallback")
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,9 @@ def _protocol_values(row: Row, name: str) -> dict[str, Any] | None:
         "max_tokens": row.protocol.get("max_tokens"),
         "prompt": (row.protocol.get("system_prompt"), row.protocol.get("instruction")),
         "problem_set": bench.get("problem_set"),
+        # How a completion with no box and no "answer is" is graded changes pass@1; runs from
+        # before the option existed graded such completions as no answer ("none").
+        "no_answer_fallback": row.protocol.get("no_answer_fallback", "none"),
     }
 
 

@@ -121,6 +121,10 @@ def test_protocol_mismatch_is_refused_unless_allowed(three_runs, run_cli):
     assert "temperature differs" in message and "max_tokens differs" in message
     assert "--allow-protocol-mismatch" in message and "\n" not in message
     assert not (root / "refused" / "report.md").exists()
+    # the verifier's no-answer rule is part of the protocol: it changes pass@1
+    strict = make_eval_run(root / "eval-strict", "Qwen/base", 0.2, no_answer_fallback="none", seed=6)
+    with pytest.raises(ConfigError, match="toy: no_answer_fallback differs \\(eval-base=last, eval-strict=none\\)"):
+        run(CompareConfig(runs=(base, strict), out=root / "refused-strict"))
 
     code, _, err = run_cli("compare", str(base), str(hot), str(sft), "--allow-protocol-mismatch", "--out", str(root / "allowed"))
     assert code == 0, err
