@@ -127,9 +127,10 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     train_problems = toy.write_problems(toy.train_split(cfg.problems, seed=cfg.seed, name="demo"), out / "data" / "train.jsonl")
     test_benchmarks = write_level_files(toy.heldout_split(cfg.test_per_level), out / "data" / "test")
     test_files = [spec.split("=", 1)[1] for spec in test_benchmarks]
-    hf = HFOptions(batch_size=cfg.batch_size, device="cpu")
-    vllm = VLLMOptions(dtype="float32", extra={"enforce_eager": True})
-    engine = {"engine": cfg.engine, "hf": hf, "vllm": vllm}  # generate's and eval's engine settings
+    # generate's and eval's engine settings: only the chosen engine's, so the settings line each
+    # stage prints names no options of an engine it does not use
+    engine = ({"engine": "hf", "hf": HFOptions(batch_size=cfg.batch_size, device="cpu")} if cfg.engine == "hf"
+              else {"engine": "vllm", "vllm": VLLMOptions(dtype="float32", extra={"enforce_eager": True})})  # fmt: skip
     rollouts = (f"engine_options={{batch_size: {cfg.batch_size}, device: cpu}}" if cfg.engine == "hf"
                 else "engine_options={extra: {enforce_eager: true}}")  # fmt: skip
     instruction = toy.INSTRUCTION
@@ -157,8 +158,8 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         f"student={toy.BASE_DIR}", f"data={out / 'filter' / 'accepted.parquet'}", f"out={out / 'train'}",
         "chat_template=model", "max_seq_len=256", f"epochs={cfg.sft_epochs}", f"global_batch={cfg.sft_batch}",
         f"lr={cfg.sft_lr}", "warmup_ratio=0.05", "min_lr_ratio=0.1", "grad_clip=1.0", f"seed={cfg.seed}",
-        # Not packed: on CPU a packed row attends over its whole length under a mask (no varlen
-        # kernel); padding 16 length-sorted toy sequences to the longest costs less.
+        # Not packed: the recorded demo figures were made padded, and for 16 short length-sorted
+        # toy sequences padding costs no more than packing (docs/benchmarks.md, packed vs padded).
         "packing=false", "micro_batch_size=16", "save_every=1000",
     )  # fmt: skip
     loaded = load_train_config(overrides=sft_overrides)
