@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sft_vs_trl import replace_section  # same folder: one way to put a section in the doc
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DISTILL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SECTION = "## distill generate --engine hf vs a plain model.generate loop"
@@ -63,7 +65,7 @@ def main() -> None:
         section = vllm_bench(args)
         print(section)
         if args.write:
-            replace_section(args.write, section, SECTION_VLLM)
+            replace_section(args.write, section)
         return
     args.problems = args.problems or 8
     args.max_tokens = args.max_tokens or 32
@@ -78,7 +80,7 @@ def main() -> None:
         section = report(results, args)
         print(section)
         if args.write:
-            replace_section(args.write, section, SECTION)
+            replace_section(args.write, section)
         return
     build_model(workdir / "model")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -95,7 +97,7 @@ def main() -> None:
     section = report(results, args)
     print(section)
     if args.write:
-        replace_section(args.write, section, SECTION)
+        replace_section(args.write, section)
 
 
 def build_model(path: Path) -> None:
@@ -197,17 +199,6 @@ def report(results: dict[str, list[dict]], args) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def replace_section(path: Path, section: str, heading: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if heading in text:
-        start = text.index(heading)
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -103,14 +103,9 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.write:
-        text = args.write.read_text(encoding="utf-8") if args.write.exists() else "# Benchmarks\n"
-        if SECTION in text:
-            before, _, rest = text.partition(SECTION)
-            after = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-            text = before + section + ("\n" + after if after else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        args.write.write_text(text, encoding="utf-8")
+        from sft_vs_trl import replace_section  # same folder: one way to put a section in the doc
+
+        replace_section(args.write, section)
 
 
 def _short(text: str | None, limit: int = 70) -> str:
