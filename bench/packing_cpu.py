@@ -56,18 +56,9 @@ def worker(workdir: Path, name: str, round_: int, max_len: int) -> dict:
     overrides = [f"max_seq_len={max_len}", "global_batch=8", "epochs=1", "lr=1e-3", "schedule=constant", "warmup_ratio=0",
                  "grad_clip=1.0", "save_every=1000000", *CONFIGS[name][1]]  # fmt: skip
     run(load_config(TrainConfig, flags=flags, overrides=overrides).config)
-    records = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    tokens = sum(r["tokens"] for r in records)
-    padded = sum(r["padding_fraction"] * r["tokens"] / (1 - r["padding_fraction"]) for r in records)
-    return {
-        "useful_tokens": tokens,
-        "processed_tokens": tokens + padded,
-        "seconds": sum(r["step_time_s"] for r in records),
-        "cpu_seconds": sum(r["cpu_time_s"] for r in records),
-        "steps": len(records),
-        "micro_batches": sum(r["micro_batches"] for r in records),
-        "final_loss": records[-1]["loss"],
-    }
+    from sft_vs_trl import step_totals  # same folder: the same totals as the TRL comparison
+
+    return step_totals(out)
 
 
 def attention_layers(workdir: Path, max_len: int) -> list[dict]:

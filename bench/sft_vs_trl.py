@@ -108,6 +108,11 @@ def worker_distill(workdir: Path, name: str, max_len: int) -> dict:
         packing=packed, micro_batch_size=2,
     )  # fmt: skip
     run(cfg)
+    return {**step_totals(out), "model_dir": str(out / "model")}
+
+
+def step_totals(out: Path) -> dict:
+    """Totals over the step records of a finished `distill train` run in `out`."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     tokens = sum(r["tokens"] for r in records)
@@ -118,8 +123,8 @@ def worker_distill(workdir: Path, name: str, max_len: int) -> dict:
         "seconds": sum(r["step_time_s"] for r in records),
         "cpu_seconds": sum(r["cpu_time_s"] for r in records),
         "steps": len(records),
+        "micro_batches": sum(r["micro_batches"] for r in records),
         "final_loss": records[-1]["loss"],
-        "model_dir": str(out / "model"),
     }
 
 
