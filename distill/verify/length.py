@@ -36,12 +36,11 @@ class StudentLength:
         model_id = PRESETS[student]["model"] if preset else student
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        except Exception as error:  # missing dir, offline hub, bad files: all the user's to fix
-            first = (str(error).splitlines() or [type(error).__name__])[0][:160]
-            raise ConfigError(
-                f"--student {student}: could not load its tokenizer from '{model_id}' ({first}); "
-                "pass a student preset, a local model directory or a reachable hub id"
-            ) from None
+        except Exception as error:  # missing dir, offline hub, gated, bad files: the true cause, as train says it
+            from distill.hub import model_error
+
+            cause = model_error(model_id, error, f"--student {student}: its tokenizer", gated=preset and PRESETS[student].get("gated", False))
+            raise ConfigError(str(cause)) from None  # a bad --student value
         choice = chat_template or (PRESETS[student]["config"].get("chat_template") if preset else None) or "auto"
         self.template = resolve_template(choice, self.tokenizer)
         self.student = student
