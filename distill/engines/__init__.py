@@ -37,6 +37,10 @@ class Sampling:
     top_p: float = 0.95
     max_tokens: int = 32768
     stop: tuple[str, ...] = ()
+    # > 0: also return, at every generated position, the k most likely tokens and their
+    # log-probs under the model's own distribution (temperature 1, before top-p): what logit
+    # distillation trains on (Completion.top_logprobs). 0: nothing extra (the default).
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,28 @@ class Completion:
     completion_tokens: int
     token_ids: list[int] | None = None  # generated ids when the engine has them (GRPO needs them)
     info: dict[str, Any] = field(default_factory=dict)
+    # Sampling.top_logprobs = k > 0: one (ids, logprobs) pair of k-long lists per generated
+    # token, in token_ids' order, most likely first; log-probs at temperature 1.
+    top_logprobs: list[tuple[list[int], list[float]]] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score a given completion under the engine's model: log p(completion_ids[t] | prompt_ids +
+    completion_ids[:t]) for every t, at temperature 1. The ids are the engine's own tokenizer's
+    (the caller checks the tokenizers match: on-policy distillation scores the student's tokens
+    with the teacher)."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+
+@dataclass
+class Scored:
+    key: str
+    logprobs: list[float]  # one per completion token
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Engine(Protocol):
@@ -66,6 +92,11 @@ class Engine(Protocol):
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
         """Yield one Completion per request, in the order they finish (not request order)."""
+        ...
+
+    def score(self, requests: Iterable[ScoreRequest]) -> Iterator[Scored]:
+        """Yield one Scored per request (any order): the model's log-probs of given tokens, the
+        teacher's side of on-policy distillation."""
         ...
 
     def close(self) -> None: ...
