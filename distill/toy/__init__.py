@@ -78,9 +78,14 @@ LEVELS: dict[int, Level] = {
     3: Level(4, 1),
     4: Level(6, 1),
     5: Level(8, 1),
+    # Ten steps: only the teacher has seen chains this long. The base's corpus stops at level 5
+    # (BASE_LEVELS), so here the students must learn something the base cannot already sample,
+    # and no arm of the demo starts near the ceiling (docs/toy.md, "why a sixth level").
+    6: Level(10, 1),
 }
+BASE_LEVELS = (1, 2, 3, 4, 5)  # the levels of the base student's corpus (base_corpus)
 TEST_SEED = 1_000_003  # the held-out test split; nothing else is drawn with it
-MAX_NEW_TOKENS = 160  # the longest trace (8 operands) is about 115 tokens
+MAX_NEW_TOKENS = 224  # the longest trace (10 operands) is about 195 tokens, a slip adds a few
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,7 @@ def base_corpus(
     step_fraction: float = 0.2,
     cot_fraction: float = 0.5,
     bare_cot_fraction: float = 0.03,
+    levels: Sequence[int] = BASE_LEVELS,
 ) -> list:
     """TraceRecords of the base student's corpus, like a pretraining corpus that holds worked
     solutions but whose default is to answer:
@@ -342,11 +348,14 @@ def base_corpus(
       step by step.") - the base can reason, when asked to, as a real base can be prompted to;
     - `bare_cot_fraction`: full traces asked as the bare problem (rare: a real base now and then
       works a problem out unprompted, which is what RL-only can reinforce);
-    - the rest: direct answers to the bare problem, with an empty `<think>` block."""
+    - the rest: direct answers to the bare problem, with an empty `<think>` block.
+
+    Problems come from `levels` (BASE_LEVELS: not the 10-operand level 6, which the base meets
+    first in the demo, as a real base meets problems longer than any worked solution it saw)."""
     rng = random.Random(seed + 1)
     excluded = {p.problem for p in heldout_split()}
     records = []
-    for index, problem in enumerate(train_split(count, seed, name="base", exclude=excluded)):
+    for index, problem in enumerate(train_split(count, seed, levels=levels, name="base", exclude=excluded)):
         draw = rng.random()
         if draw < step_fraction and len(problem.numbers) > 1:
             # One step of this problem's chain, asked as a problem of its own.

@@ -45,7 +45,7 @@ REPRO_EXAMPLES = 2_000  # rows of each corpus in the reproduction run
 @dataclass(frozen=True)
 class BuildConfig:
     out: Path = Path("runs/toy-build")
-    teacher_examples: int = 60_000  # CoT traces in the teacher corpus
+    teacher_examples: int = 72_000  # CoT traces in the teacher corpus (12k per level)
     slip_rate: float = 0.03  # per step: a slipped step propagates to a wrong answer
     base_examples: int = 100_000  # rows of the base corpus
     step_fraction: float = 0.2  # of them two-number sums taken from running totals
@@ -54,6 +54,15 @@ class BuildConfig:
     seed: int = 0
     eval_per_level: int = 40  # held-out problems per level for the quality figures
     install: bool = False
+    # The models to train. Any other is the committed one (distill/toy/assets), measured again on
+    # today's held-out split, its training record carried over from the committed quality.json:
+    # adding a level the base's corpus leaves out (toy.BASE_LEVELS) changes only the teacher.
+    models: tuple[str, ...] = ("teacher", "base")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.models) - {"teacher", "base"}
+        if unknown:
+            raise ValueError(f"models: {sorted(unknown)} are not toy models; use teacher and/or base")
 
 
 def prepare(cfg: BuildConfig) -> dict[str, Path]:
@@ -140,17 +149,22 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     prepare(cfg)
     timings["prepare_s"] = round(time.time() - started, 1)
     quality: dict[str, Any] = {"build": _describe(cfg), "models": {}}
+    previous = json.loads(toy.QUALITY_FILE.read_text(encoding="utf-8")) if toy.QUALITY_FILE.is_file() else {}
+    committed = previous.get("models", {})
     for which in ("teacher", "base"):
-        train(which, cfg)
+        if which in cfg.models:
+            train(which, cfg)
+            model, record = out / which / "model", {**training_record(out / which), "reproduction_losses": reproduction_run(which, cfg, out / "reproduction")}
+        else:
+            if which not in committed:
+                raise ValueError(f"models={list(cfg.models)} keeps the committed {which}, but {toy.QUALITY_FILE} has no record of it; build it too")
+            model = toy.TEACHER_DIR if which == "teacher" else toy.BASE_DIR
+            kept = ("steps", "first_loss", "final_loss", "train_wall_s", "train_cpu_s", "reproduction_losses")
+            record = {**{k: committed[which][k] for k in kept}, "kept_from": committed[which].get("kept_from") or f"the build of {previous['build'].get('date')}"}
         started = time.time()
-        measured = measure(out / which / "model", out / f"eval-{which}", cfg.eval_per_level)
+        measured = measure(model, out / f"eval-{which}", cfg.eval_per_level)
         timings[f"eval_{which}_s"] = round(time.time() - started, 1)
-        quality["models"][which] = {
-            "recipe": f"recipes/toy/{which}.yaml",
-            **training_record(out / which),
-            "reproduction_losses": reproduction_run(which, cfg, out / "reproduction"),
-            **measured,
-        }
+        quality["models"][which] = {"recipe": f"recipes/toy/{which}.yaml", **record, **measured}
     quality["build"]["timings"] = timings
     (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n", encoding="utf-8")
     if cfg.install:
@@ -177,6 +191,8 @@ def install(out: Path) -> None:
     """Copy the built models and their quality record into distill/toy/assets (what the demo loads)."""
     out = Path(out)
     for which, target in (("teacher", toy.TEACHER_DIR), ("base", toy.BASE_DIR)):
+        if not (out / which / "model").is_dir():  # kept, not rebuilt (BuildConfig.models)
+            continue
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / which / "model", target)
@@ -189,7 +205,7 @@ def _describe(cfg: BuildConfig) -> dict[str, Any]:
     import torch
 
     return {
-        "command": f"python -m distill.toy build --out {cfg.out}",
+        "command": f"python -m distill.toy build --out {cfg.out}" + ("" if cfg.models == BuildConfig.models else f" models=[{','.join(cfg.models)}]"),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
         "torch_threads": torch.get_num_threads(),
