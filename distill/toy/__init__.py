@@ -23,8 +23,8 @@ copies the rest, so every line depends only on the one before it, and each resul
 from the tokens just before it (docs/toy.md tells which other shapes a tiny model failed to
 learn, and why).
 
-Difficulty levels (`LEVELS`) set the number of operands (2, 3, 4, 6, 8) and their digits (one by
-default). A minus sign is drawn only when the running total stays non-negative (every
+Difficulty levels (`LEVELS`) set the number of operands (2, 3, 4, 6, 8, 10) and their digits (one
+by default); the base student's corpus covers levels 1-5 only (`BASE_LEVELS`). A minus sign is drawn only when the running total stays non-negative (every
 intermediate value is a natural number). The test split is fixed by its seed and held out of
 every training set built here (teacher corpus, base corpus, demo problems), by problem text.
 

@@ -1,7 +1,7 @@
 """`distill demo`: the whole pipeline on the embedded toy world, on CPU, with the real stages.
 
-    distill demo                      # about 4 minutes on 2 CPU cores
-    distill demo --quick              # the same six steps at small size, about 70 seconds
+    distill demo                      # about 8 minutes on 2 CPU cores
+    distill demo --quick              # the same seven steps at small size, about 2 minutes
     distill demo --out runs/demo key=value ...   # any DemoConfig field, e.g. samples=8
     distill demo --engine vllm --out runs/demo-vllm   # vLLM for teacher sampling, RL rollouts and evals
 
@@ -9,26 +9,29 @@ Each step is the stage's own `run` (what its `distill <stage>` command calls), w
 run directory under --out, so every file the pipeline makes can be opened and every step rerun
 by hand with the command printed before it (`distill <stage> --recipe RUN/config.yaml`):
 
-    data/       train.jsonl (problems the teacher solves and GRPO trains on), test/L1..L5.jsonl
+    data/       train.jsonl (problems the teacher solves and the students train on), test/L1..L6.jsonl
                 (the held-out split, one benchmark per difficulty level)
     generate/   1. the toy teacher samples `samples` traces per training problem (hf engine, or --engine vllm)
     filter/     2. the shared verifier and the other filters keep the good traces; the training
                 problems are decontaminated against the test split
     train/      3. the base student distilled on the accepted traces
-    grpo/       4. the same base student trained with RL only (GRPO) on the same problems
-    eval-base/, eval-distilled/, eval-rl/
-                5. the three students on the test split, k samples each, one locked protocol
-    report/     6. `distill compare`: report.md, report.csv, accuracy/length/compute plots
+    onpolicy/   4. the same base student distilled on-policy: it samples, the teacher scores
+                every sampled token (reverse KL per token, `distill onpolicy`)
+    grpo/       5. the same base student trained with RL only (GRPO) on the same problems
+    eval-base/, eval-distilled/, eval-onpolicy/, eval-rl/
+                6. the four students on the test split, k samples each, one locked protocol
+    report/     7. `distill compare`: report.md, report.csv, accuracy/length/compute plots
 
 The models start from distill/toy/assets (teacher and base student, made by
 `python -m distill.toy build`, see distill/toy/build.py). Choices:
 - The prompt is the bare problem (instruction ""): the toy task never changes, and the R1
   instruction would double every sequence the CPU trains on. Every stage gets the same
   instruction, so generation, training, RL and evaluation render prompts identically.
-- Compute: the RL-only student trains on as many sequences as the distilled one (its own
-  samples instead of the teacher's; `grpo_budget` scales that, `grpo_steps` sets it outright,
-  see `grpo_steps_for`). compare's table shows each model's trained tokens, wall time and
-  the teacher tokens the distilled one cost, so the budgets can be read.
+- Compute: the on-policy and RL-only students train on as many sequences as the distilled one
+  (their own samples instead of the teacher's; `grpo_budget` / `onpolicy_budget` scale that,
+  `grpo_steps` / `onpolicy_steps` set it outright, see `steps_for`). compare's table shows
+  each model's training compute (its ledger: teacher and student tokens, estimated FLOPs), so
+  the budgets can be read.
 - Eval follows the R1 protocol (temperature 0.6, top-p 0.95, k samples with their own seeds),
   with max_tokens the toy traces need.
 - `engine=vllm` samples with vLLM (the CPU build `make setup` installs) wherever the hf engine
@@ -71,18 +74,24 @@ class DemoConfig:
     sft_epochs: int = 4
     sft_lr: float = 1.0e-3
     sft_batch: int = 32
-    # 4. grpo (RL only); steps: None = as many training sequences as SFT, times grpo_budget (see `grpo_steps_for`)
+    # 4. onpolicy (on-policy distillation); steps: None = as many training sequences as SFT, times onpolicy_budget
+    onpolicy_steps: int | None = None
+    onpolicy_budget: float = 1.0
+    onpolicy_prompts: int = 16  # prompts per step
+    onpolicy_group: int = 8  # completions per prompt
+    onpolicy_lr: float = 1.0e-4
+    # 5. grpo (RL only); steps: None = as many training sequences as SFT, times grpo_budget (see `steps_for`)
     grpo_steps: int | None = None
     grpo_budget: float = 1.0
     grpo_prompts: int = 16  # prompts per step
     grpo_group: int = 8  # completions per prompt
     grpo_lr: float = 1.0e-4
     grpo_variant: str = "grpo"
-    # 5. eval
+    # 6. eval
     k: int = 4  # samples per test problem
 
 
-QUICK = {"problems": 96, "test_per_level": 16, "samples": 4, "sft_epochs": 4, "grpo_prompts": 8, "k": 2}
+QUICK = {"problems": 96, "test_per_level": 16, "samples": 4, "sft_epochs": 4, "grpo_prompts": 8, "onpolicy_prompts": 8, "k": 2}
 
 
 def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -93,6 +102,8 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     from distill.rundir import RunDir
     from distill.students.grpo import load_grpo_config
     from distill.students.grpo import run as grpo
+    from distill.students.onpolicy import load_onpolicy_config
+    from distill.students.onpolicy import run as onpolicy
     from distill.students.sft import load_train_config
     from distill.students.sft import run as train
     from distill.teacher.filter import FilterConfig
@@ -109,7 +120,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     # The demo's own run directory: config.yaml, demo.log and the summary as metrics.json. Its
     # settings are locked: rerunning resumes every stage; other settings need another --out.
     run_dir = RunDir(out, "demo", cfg, sources, locked=[f.name for f in dataclasses.fields(cfg) if f.name != "out"])
-    run_dir.announce(f"distill demo{' --quick' if cfg.quick else ''}: the toy world on CPU, generate -> filter -> train, grpo -> eval x3 -> compare, "
+    run_dir.announce(f"distill demo{' --quick' if cfg.quick else ''}: the toy world on CPU, generate -> filter -> train, onpolicy, grpo -> eval x4 -> compare, "
                      f"into {out}", shown=("out", "quick"))
     started = time.time()
     timings: dict[str, float] = {}
@@ -166,8 +177,22 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     trained = train(loaded.config, loaded.sources)
     done("train")
 
-    # ---- 4. grpo: the same base student, RL only -----------------------------------------------
-    steps = cfg.grpo_steps or grpo_steps_for(trained, cfg)
+    # ---- 4. onpolicy: the same base student, distilled on its own samples ---------------------
+    onpolicy_steps = cfg.onpolicy_steps or steps_for(trained, cfg, cfg.onpolicy_prompts, cfg.onpolicy_group, cfg.onpolicy_budget)
+    step("onpolicy", "onpolicy", "onpolicy")
+    op_overrides = (
+        f"student={toy.BASE_DIR}", f"teacher={toy.TEACHER_DIR}", f"data={train_problems}", f"out={out / 'onpolicy'}",
+        f"steps={onpolicy_steps}", f"prompts_per_step={cfg.onpolicy_prompts}", f"group_size={cfg.onpolicy_group}",
+        f"max_tokens={toy.MAX_NEW_TOKENS}", f"lr={cfg.onpolicy_lr}", "instruction=", "chat_template=model",
+        "micro_batch_size=64", f"seed={cfg.seed}", "save_every=1000", "verifier_workers=1",
+        f"engine={cfg.engine}", rollouts,
+    )  # fmt: skip
+    loaded = load_onpolicy_config(overrides=op_overrides)
+    distilled_on_policy = onpolicy(loaded.config, loaded.sources)
+    done("onpolicy")
+
+    # ---- 5. grpo: the same base student, RL only -----------------------------------------------
+    steps = cfg.grpo_steps or steps_for(trained, cfg, cfg.grpo_prompts, cfg.grpo_group, cfg.grpo_budget)
     step("grpo", "grpo", "grpo")
     rl_overrides = (
         f"student={toy.BASE_DIR}", f"data={train_problems}", f"out={out / 'grpo'}", f"variant={cfg.grpo_variant}",
@@ -180,9 +205,10 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     reinforced = grpo(loaded.config, loaded.sources)
     done("grpo")
 
-    # ---- 5. eval: three students, one protocol ------------------------------------------------
-    models = {"eval-base": str(toy.BASE_DIR), "eval-distilled": str(out / "train" / "model"), "eval-rl": str(out / "grpo" / "model")}
-    names = {"eval-base": "base", "eval-distilled": "distilled", "eval-rl": "rl-only"}
+    # ---- 6. eval: four students, one protocol -------------------------------------------------
+    models = {"eval-base": str(toy.BASE_DIR), "eval-distilled": str(out / "train" / "model"),
+              "eval-onpolicy": str(out / "onpolicy" / "model"), "eval-rl": str(out / "grpo" / "model")}  # fmt: skip
+    names = {"eval-base": "base", "eval-distilled": "distilled", "eval-onpolicy": "on-policy", "eval-rl": "rl-only"}
     evaluations = {}
     for run_name, model in models.items():
         step(run_name, "eval", run_name)
@@ -193,7 +219,7 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         ))  # fmt: skip
         done(run_name)
 
-    # ---- 6. compare ----------------------------------------------------------------------------
+    # ---- 7. compare ----------------------------------------------------------------------------
     step("compare", "compare", "report")
     compared = compare(CompareConfig(runs=tuple(out / r for r in models), baseline=out / "eval-base", out=out / "report"))
     done("compare")
@@ -207,10 +233,12 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
         "rejected": filtered.get("rejected"),
         "reject_reasons": filtered.get("reject_reasons"),
         "sft_steps": trained.get("steps"),
+        "onpolicy_steps": onpolicy_steps,
         "grpo_steps": steps,
         "pass@1": {names[r]: overall_pass_at_1(m) for r, m in evaluations.items()},
         "pass@1_by_level": {names[r]: {b: f["pass@1"] for b, f in m["benchmarks"].items()} for r, m in evaluations.items()},
         "report": str(out / "report" / "report.md"),
+        "onpolicy": {k: distilled_on_policy.get(k) for k in ("reverse_kl_first", "reverse_kl_last10", "accuracy_last10", "completion_length_last10")},
         "grpo": {k: reinforced.get(k) for k in ("reward_mean_first", "reward_mean_last10", "accuracy_last10", "completion_length_last10")},
     }
     summary = json.loads(run_dir.write_metrics(summary).read_text(encoding="utf-8"))
@@ -225,17 +253,18 @@ def overall_pass_at_1(metrics: Mapping[str, Any]) -> float:
     return sum(figures) / len(figures)
 
 
-def grpo_steps_for(trained: Mapping[str, Any], cfg: DemoConfig) -> int:
-    """RL steps that train on as many sequences as the SFT run did, times `grpo_budget`.
+def steps_for(trained: Mapping[str, Any], cfg: DemoConfig, prompts: int, group: int, budget: float) -> int:
+    """Steps of an on-policy stage (onpolicy, grpo) that train on as many sequences as the SFT run
+    did, times `budget`.
 
-    SFT makes `sequences * epochs` forward-backward passes over teacher traces; an RL step
-    samples `grpo_prompts * grpo_group` completions from the student and makes one
-    forward-backward pass over each (mu=1). So at budget 1 both students see the same number of
-    training sequences, and each side pays for sampling them once (the teacher for SFT, the
-    student itself for RL). Token counts differ with what each model writes: compare's table
-    shows both runs' trained tokens and wall time."""
+    SFT makes `sequences * epochs` forward-backward passes over teacher traces; an on-policy step
+    samples `prompts * group` completions from the student and makes one forward-backward pass
+    over each (mu=1). So at budget 1 every student sees the same number of training sequences,
+    and each side pays for sampling them once (the teacher for SFT; the student itself for RL
+    and on-policy distillation, whose teacher also scores every sampled token). Token counts
+    differ with what each model writes: compare's table shows each run's training compute."""
     sequences = (trained.get("sequences") or 0) * cfg.sft_epochs
-    return max(1, math.ceil(cfg.grpo_budget * sequences / (cfg.grpo_prompts * cfg.grpo_group)))
+    return max(1, math.ceil(budget * sequences / (prompts * group)))
 
 
 def summary_lines(summary: Mapping[str, Any]) -> str:
