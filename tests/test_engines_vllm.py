@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, SharedEngine, real_vllm, share_engine
 from distill import toy
@@ -81,7 +82,7 @@ def toy_requests(tokenizer, count: int, max_tokens: int = toy.MAX_NEW_TOKENS) ->
     sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=max_tokens)
     problems = toy.train_split(count, seed=1, name="engine")
     rendered = [render_prompt(tokenizer, p.problem, system=None, instruction=toy.INSTRUCTION) for p in problems]
-    return [Request(f"{p.id}/0", r.text, sampling, seed=100 + i) for i, (p, r) in enumerate(zip(problems, rendered))]
+    return [Request(f"{p.id}/0", r.text, sampling, seed=100 + i, messages=r.messages) for i, (p, r) in enumerate(zip(problems, rendered))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +161,79 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, as without it
     with pytest.raises(MissingDependency, match=r"pip install 'distill\[gpu\]'"):
         make_engine("vllm", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
+
+
+# ------------------------------------------------------------------------------------------------
+# the teacher's token distribution: score and top_logprobs, against the hf engine's numbers
+
+# Both engines run the toy base in float32 on CPU; they differ only in kernels (vLLM's CPU
+# attention and fused layers against transformers' sdpa) and summation order, which moves a
+# log-prob by ~1e-6 here (measured: at most 1.7e-6 on 2026-12-01). 1e-4 is well above that and
+# far below any difference a wrong position, token or temperature would make (> 1e-2).
+SAME = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_base():
+    return make_engine("hf", BASE, dtype="float32", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def sampled(engine):
+    """vLLM samples at temperature 0.6 / top-p 0.9 with the top-5 log-probs of every token."""
+    requests = [Request(r.key, r.prompt, Sampling(temperature=0.6, top_p=0.9, max_tokens=r.sampling.max_tokens, top_logprobs=5), r.seed, r.messages)
+                for r in toy_requests(engine.tokenizer, 6)]  # fmt: skip
+    return requests, {c.key: c for c in engine.generate(requests)}
+
+
+def score_requests(tokenizer, requests, completions):
+    from distill.engines import ScoreRequest
+
+    return [ScoreRequest(r.key, tuple(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]), tuple(completions[r.key].token_ids))
+            for r in requests]  # fmt: skip
+
+
+def test_vllm_score_equals_the_hf_score(engine, hf_base, sampled):
+    requests, completions = sampled
+    scoring = score_requests(engine.tokenizer, requests, completions)
+    mine = {s.key: s.logprobs for s in engine.score(scoring)}
+    reference = {s.key: s.logprobs for s in hf_base.score(scoring)}
+    assert set(mine) == set(reference) == {r.key for r in requests}
+    for key, values in mine.items():
+        assert len(values) == len(completions[key].token_ids)
+        assert max(abs(a - b) for a, b in zip(values, reference[key])) < SAME, key
+    # the prompt tokens' log-probs are vLLM's too, but only the completion's are returned
+    (alone,) = engine.score(scoring[:1])
+    assert alone.logprobs == mine[scoring[0].key], "a score does not depend on the other requests"
+
+
+def test_vllm_top_logprobs_are_the_raw_distribution_whatever_the_temperature(engine, hf_base, sampled):
+    """Sampled at temperature 0.6, the top-5 must still be log_softmax of the raw logits
+    (temperature 1): the hf model's own forward over the same tokens is the reference."""
+    requests, completions = sampled
+    for request in requests:
+        completion = completions[request.key]
+        prompt = hf_base.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = hf_base.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (completion, V)
+        best = logits.log_softmax(-1).topk(5, dim=-1)
+        assert len(completion.top_logprobs) == len(completion.token_ids)
+        for position, (top_ids, values) in enumerate(completion.top_logprobs):
+            assert len(top_ids) == len(values) == 5 and values == sorted(values, reverse=True)
+            assert torch.allclose(torch.tensor(values), best.values[position], atol=SAME), (request.key, position)
+            assert top_ids == best.indices[position].tolist() or min(abs(a - b) for a, b in zip(values, values[1:])) < SAME
+    plain = {c.key: c for c in engine.generate([Request(r.key, r.prompt, Sampling(temperature=0.6, top_p=0.9, max_tokens=r.sampling.max_tokens), r.seed)
+                                                for r in requests])}  # fmt: skip
+    assert all(plain[key].token_ids == c.token_ids and plain[key].top_logprobs is None for key, c in completions.items()), \
+        "asking for top_logprobs does not change the samples"
+
+
+def test_more_top_logprobs_than_vllm_returns_is_one_line(engine):
+    (request,) = toy_requests(engine.tokenizer, 1)
+    wide = Request(request.key, request.prompt, Sampling(max_tokens=4, top_logprobs=50), request.seed)
+    with pytest.raises(DistillError, match=r"vLLM refused request '.*': .*max_logprobs: 50"):
+        list(engine.generate([wide]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,6 +364,8 @@ def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkey
     try:
         first = list(replicas.generate(requests))
         second = {c.key: c.text for c in replicas.generate(reversed(requests))}  # replicas outlive a call
+        scoring = score_requests(engine.tokenizer, requests, {c.key: c for c in first})
+        scores = {s.key: s.logprobs for s in replicas.score(scoring)}  # scoring goes through the same queue
         devices, processes = replicas._replicas.devices, replicas._replicas.processes
         started = {p.pid: psutil.Process(p.pid).children(recursive=True) for p in processes}  # vLLM's engine cores
     finally:
@@ -297,6 +373,7 @@ def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkey
     assert not [c for children in started.values() for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
         "no vLLM process outlives the engine"
     assert {c.key: c.text for c in first} == expected == second
+    assert scores == {s.key: s.logprobs for s in engine.score(scoring)}, "a replica scores as the in-process engine does"
     assert devices == {0: str(cores[0]), 1: str(cores[1])}, "each replica is bound to its own core"
     assert {c.info["replica"] for c in first} <= {0, 1}
     assert not any(p.is_alive() for p in processes) and all(p.exitcode == 0 for p in processes), "close() ends them cleanly"
@@ -346,6 +423,8 @@ def server(tmp_path_factory):
         yield base_url, process
     finally:
         if process.poll() is None:
+            if not engine_processes:  # it failed to start in time: its engine core is running all the same
+                engine_processes = psutil.Process(process.pid).children(recursive=True)
             process.terminate()
             try:
                 process.wait(timeout=30)
@@ -377,6 +456,33 @@ def test_eval_through_the_server_matches_the_in_process_engine(server, vllm_eval
     _, in_process = vllm_eval
     for name, figures in in_process["benchmarks"].items():
         assert metrics["benchmarks"][name]["pass@1"] == figures["pass@1"], name
+
+
+def test_scores_through_the_server_equal_the_in_process_scores(server, engine, sampled):
+    base_url, _ = server
+    requests, completions = sampled
+    scoring = score_requests(engine.tokenizer, requests, completions)
+    served = {s.key: s.logprobs for s in make_engine("openai", "toy", base_url=base_url).score(scoring)}
+    in_process = {s.key: s.logprobs for s in engine.score(scoring)}
+    assert set(served) == set(in_process) == {r.key for r in requests}
+    for key, values in served.items():  # the same vLLM and weights: the same numbers, JSON's round trip aside
+        assert len(values) == len(in_process[key]) and max(abs(a - b) for a, b in zip(values, in_process[key])) < SAME, key
+
+
+def test_top_logprobs_through_the_server_equal_the_in_process_ones(server, engine, sampled):
+    """Both endpoints: /completions (a prompt) and /chat/completions (messages; the server applies
+    the same chat template), against the in-process engine with the same seeds."""
+    base_url, _ = server
+    requests, completions = sampled
+    prompts = [Request(r.key, r.prompt, r.sampling, r.seed) for r in requests[3:]]  # no messages: /completions
+    served = make_engine("openai", "toy", base_url=base_url)
+    for batch in (prompts, requests[:3]):
+        for completion in served.generate(batch):
+            expected = completions[completion.key]
+            assert completion.token_ids == expected.token_ids, "same seed, same tokens"
+            assert len(completion.top_logprobs) == len(expected.top_logprobs)
+            for (ids, values), (want_ids, want_values) in zip(completion.top_logprobs, expected.top_logprobs):
+                assert ids == want_ids and max(abs(a - b) for a, b in zip(values, want_values)) < SAME, completion.key
 
 
 def test_a_dead_server_stops_the_run_within_seconds_keeping_what_finished(server, tmp_path):
