@@ -172,6 +172,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from distill.compute import train_block
     from distill.rundir import RunDir
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
