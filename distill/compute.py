@@ -123,7 +123,8 @@ def human(flops: float | None) -> str:
         return "-"
     if flops == 0:
         return "0"
-    return f"{flops:.1e}".replace("e+", "e")
+    mantissa, exponent = f"{flops:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _int(value: float | None) -> int | None:
