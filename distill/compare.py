@@ -50,18 +50,17 @@ from typing import Any, Mapping
 
 import yaml
 
-from distill.compute import human, ledger_of, training_flops
+from distill.compute import human, ledger_of, run_metrics, training_flops
 from distill.errors import ConfigError, InputError
 from distill.evaluate import PROTOCOL_FILE, read_protocol, read_samples
 from distill.metrics import Sample, paired_test, per_problem_scores
 from distill.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 
-# Keys read from the metrics.json of train / grpo / generate runs, first found wins.
+# Keys of hours read from the metrics.json of train / grpo / generate runs, first found wins
+# (tokens and FLOPs come from the compute ledger: distill.compute.ledger_of).
 COST_KEYS = {
     "gpu_hours": ("gpu_hours",),
     "cpu_hours": ("cpu_hours",),
-    "train_tokens": ("train_tokens", "tokens_trained", "trained_tokens", "tokens_seen"),
-    "teacher_tokens": ("completion_tokens", "generated_tokens", "teacher_tokens", "tokens_generated"),
 }
 TRAINING_STAGES = ("train", "grpo", "onpolicy")
 MADE_BY = ("generate", "filter", *TRAINING_STAGES)  # the stages whose cost is part of a model's
@@ -123,7 +122,7 @@ def run(cfg: CompareConfig, sources: Mapping[str, str] | None = None) -> dict[st
         row.cost = cost_of(row.lineage)
     linked = {p.resolve() for row in rows for ps in row.lineage.values() for p in ps}
     for path in other_paths:
-        if not (path / METRICS_FILE).is_file():
+        if not run_metrics(path):
             raise InputError(f"{path}: neither an eval run ({PROTOCOL_FILE}) nor a finished run directory ({METRICS_FILE})")
         if path.resolve() not in linked:
             unlinked.append(path)
@@ -211,19 +210,16 @@ def _benchmarks_of(rows: list[Row]) -> list[str]:
 
 def run_dir_of(path: Path, depth: int = 3) -> Path | None:
     """The distill run directory holding `path` (itself or one of its parents): the first with
-    both config.yaml and metrics.json."""
+    both config.yaml and metrics.json (or a sharded generate run's metrics.shard-I-of-N.json)."""
     path = Path(path)
     for candidate in [path, *list(path.parents)[:depth]]:
-        if (candidate / CONFIG_FILE).is_file() and (candidate / METRICS_FILE).is_file():
+        if (candidate / CONFIG_FILE).is_file() and run_metrics(candidate):
             return candidate
     return None
 
 
 def _stage_of(run_path: Path) -> str | None:
-    try:
-        return json.loads((run_path / METRICS_FILE).read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError):
-        return None
+    return run_metrics(run_path).get("stage")
 
 
 def lineage(eval_path: Path) -> dict[str, list[Path]]:
@@ -292,7 +288,7 @@ def cost_of(found: Mapping[str, list[Path]]) -> dict[str, Any]:
 
     for stage, paths in found.items():
         for path in paths:
-            metrics = json.loads((path / METRICS_FILE).read_text(encoding="utf-8"))
+            metrics = run_metrics(path)
             gpu, cpu = _first(metrics, COST_KEYS["gpu_hours"]), _first(metrics, COST_KEYS["cpu_hours"])
             add("gpu_hours", gpu)
             add("cpu_hours", cpu)
@@ -487,7 +483,7 @@ def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Ro
         "",
         *summary_table(table, benchmarks, baseline),
         "",
-        *[f"{note}  " for note in _flops_notes(table)],
+        *([f"{note}  " for note in _flops_notes(table)] + [""] if _flops_notes(table) else []),
         "![pass@1 per benchmark with 95% CIs](accuracy.png)",
         "",
         "![pass@1 against the training FLOPs that made each model](accuracy_vs_compute.png)",

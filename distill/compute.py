@@ -307,12 +307,43 @@ def filter_block(inputs) -> dict[str, Any]:
 # reading a run directory's block back (compare)
 
 
-def ledger_of(run_path: str | Path) -> dict[str, Any] | None:
-    """The `compute` block of a finished run directory; for a run from before the ledger, an
-    estimate from what its metrics.json and step records hold, marked `estimated` (prompt
-    tokens and extra passes were not recorded then). None if it is not a finished run."""
+def run_metrics(run_path: str | Path) -> dict[str, Any]:
+    """A finished run's metrics.json; for a generate run made in shards (`--shard I/N` writes
+    metrics.shard-I-of-N.json instead), the shards' together: their hours, wall time and tokens
+    summed, their compute blocks added up. {} when there is neither."""
     run_path = Path(run_path)
     metrics = _json(run_path / "metrics.json")
+    shards = [_json(p) for p in sorted(run_path.glob("metrics.shard-*-of-*.json"))] if not metrics else []
+    shards = [m for m in shards if m]
+    if not shards:
+        return metrics
+    merged: dict[str, Any] = {"stage": shards[0].get("stage"), "shards": len(shards)}
+    for key in ("wall_time_s", "gpu_hours", "cpu_hours", "prompt_tokens", "completion_tokens", "samples"):
+        values = [m[key] for m in shards if isinstance(m.get(key), (int, float))]
+        if values:
+            merged[key] = sum(values)
+    blocks = [m.get("compute") for m in shards]
+    if all(isinstance(b, Mapping) for b in blocks):
+        merged["compute"] = add_blocks(blocks)
+    return merged
+
+
+def add_blocks(blocks) -> dict[str, Any]:
+    """Blocks of one model's runs (a generate run's shards) as one: tokens summed, FLOPs
+    recomputed from them with the first known N."""
+    first = lambda key: next((b[key] for b in blocks if b.get(key) is not None), None)  # noqa: E731
+    return block(blocks[0].get("counts_as", "training"), teacher_params=first("teacher_params"), student_params=first("student_params"),
+                 student_trainable_params=first("student_trainable_params"),
+                 **{key: sum(int(b.get(key) or 0) for b in blocks) for key in TOKEN_KEYS})  # fmt: skip
+
+
+def ledger_of(run_path: str | Path) -> dict[str, Any] | None:
+    """The `compute` block of a finished run directory (run_metrics: shards added up); for a
+    run from before the ledger, an estimate from what its metrics and step records hold,
+    marked `estimated` (prompt tokens and extra passes were not recorded then). None if it is
+    not a finished run."""
+    run_path = Path(run_path)
+    metrics = run_metrics(run_path)
     if not metrics:
         return None
     if isinstance(metrics.get("compute"), Mapping):
@@ -332,9 +363,8 @@ def ledger_of(run_path: str | Path) -> dict[str, Any] | None:
     elif stage in ("train", "grpo", "onpolicy"):
         rows = step_rows(run_path)
         trained = sum(r.get("trained_tokens", 0) for r in rows) or _first(metrics, ("train_tokens", "tokens_trained", "trained_tokens", "tokens_seen"))
-        model_dir = metrics.get("model_dir") or run_path / "model"
         estimate = block(
-            "training", student_params=weights_params(model_dir), student_tokens_trained=trained,
+            "training", student_params=weights_params(run_path / "model") or weights_params(metrics.get("model_dir")), student_tokens_trained=trained,
             student_tokens_forward_backward=sum(r.get("tokens", r.get("trained_tokens", 0)) for r in rows) or trained,
             student_tokens_generated=sum(_generated(r) for r in rows),
             teacher_tokens_scored=sum(r.get("teacher_scored_tokens", 0) or 0 for r in rows),

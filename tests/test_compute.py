@@ -11,7 +11,7 @@ import pytest
 from test_compare import make_eval_run
 
 from distill import compute
-from distill.compare import CompareConfig, lineage, run
+from distill.compare import CompareConfig, cost_of, lineage, run
 from distill.rundir import write_json
 
 # tests/conftest.py's tiny shape: hidden 32, 2 layers, MLP 64, 4 heads of 8, 2 key-value heads.
@@ -185,3 +185,22 @@ def test_runs_from_before_the_ledger_are_estimated_or_unknown(tmp_path):
     assert ledger["estimated"] and ledger["flops_total"] == 6 * (2 * QWEN_LAYER + 32 + 32 * VOCAB) * 1_000
     gone = stage_run(tmp_path / "old-gen", "generate", {"model": "org/served-teacher"}, {"completion_tokens": 5})
     assert compute.ledger_of(gone)["flops_total"] is None and compute.ledger_of(tmp_path / "nothing") is None
+
+
+def test_a_generate_run_made_in_shards_counts_every_shard(tmp_path):
+    """`distill generate --shard I/N` writes metrics.shard-I-of-N.json, no metrics.json: the
+    lineage still finds the run, and its cost is every shard's."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "config.yaml").write_text(json.dumps({"model": "org/served", "data": "problems.jsonl"}))
+    for shard, tokens in ((0, 1_000), (1, 3_000)):
+        write_json(gen / f"metrics.shard-{shard}-of-2.json", {"stage": "generate", "wall_time_s": 1800.0, "completion_tokens": tokens,
+                                                             "compute": compute.generate_block("org/served", 0, tokens, params=1e9)})
+    filtered = stage_run(tmp_path / "filter", "filter", {"traces": str(gen)}, {"compute": compute.filter_block([gen])})
+    (filtered / "accepted.parquet").write_text("")
+    sft = stage_run(tmp_path / "sft", "train", {"data": str(filtered / "accepted.parquet")},
+                    {"compute": compute.block("training", student_params=100, student_tokens_forward_backward=10)})
+    found = lineage(sft)
+    assert [p.name for p in found["generate"]] == ["gen"]
+    cost = cost_of({"train": [sft], **found})
+    assert cost["flops"] == 2 * 1e9 * 4_000 + 6 * 100 * 10 and cost["teacher_tokens"] == 4_000 and cost["wall_hours"] == 1.0
