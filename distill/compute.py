@@ -242,8 +242,9 @@ def rl_step(rolled, batch, cfg, dist) -> dict[str, int]:
         float(sum(len(s.prompt_ids) for s in samples)), float(sum(len(s.completion_ids) for s in samples)),
         float(sum(len(s.prompt_ids) + len(s.completion_ids) for s in sequences)), float(len(sequences)),
     ])  # fmt: skip
-    passes = int(cfg.mu * min(cfg.minibatches, count) > 1) + int(cfg.beta > 0)
-    return {"prompt_tokens": int(prompt), "generated_tokens": int(generated), "forward_backward_tokens": int(cfg.mu * update),
+    mu, minibatches, beta = getattr(cfg, "mu", 1), getattr(cfg, "minibatches", 1), getattr(cfg, "beta", 0.0)
+    passes = int(mu * min(minibatches, count) > 1) + int(beta > 0)
+    return {"prompt_tokens": int(prompt), "generated_tokens": int(generated), "forward_backward_tokens": int(mu * update),
             "no_grad_tokens": int(passes * update)}  # fmt: skip
 
 
