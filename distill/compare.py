@@ -462,10 +462,10 @@ def _flops_notes(table) -> list[str]:
     estimated = sorted({p for entry in table for p in entry["cost"].get("flops_estimated", [])})
     unknown = sorted({p for entry in table for p in entry["cost"].get("flops_unknown", [])})
     if estimated:
-        notes.append("~ estimated from runs made before the compute ledger (their prompt tokens and extra passes were not "
+        notes.append("`~` estimated from runs made before the compute ledger (their prompt tokens and extra passes were not "
                      "recorded): " + ", ".join(estimated))
     if unknown:
-        notes.append("- unknown: no parameter count for a model these runs used (weights not on this machine; for a served teacher "
+        notes.append("`-` unknown: no parameter count for a model these runs used (weights not on this machine; for a served teacher "
                      "set `model_params`): " + ", ".join(unknown))
     return notes
 

@@ -100,7 +100,7 @@ def test_compare_three_runs(three_runs):
     # these runs predate the compute ledger and name no weights on this machine: FLOPs unknown, "-" with a footnote
     assert summary_rows[1] == f"| eval-sft | {100 * sft_cell['pass@1']:.1f} [{100 * low:.1f}, {100 * high:.1f}] ▲ | 14.00 GPU-h | - |"
     assert summary_rows[0].endswith("| — | 0 |"), "the base cost nothing"
-    assert "- unknown: no parameter count" in report
+    assert "`-` unknown: no parameter count" in report
     assert report.index("| model | toy | cost to make | training FLOPs |") < report.index("## Per benchmark") < report.index("(p=")
     assert summary["summary_table"] == "\n".join([tables[0], "|---|---:|---:|---:|", *summary_rows])
     with (root / "report" / "report.csv").open() as handle:
