@@ -233,28 +233,32 @@ def _json(path: Path) -> dict[str, Any]:
 def rl_step(rolled, batch, cfg, dist) -> dict[str, int]:
     """The token counts of one grpo (or onpolicy) step, over all ranks, for its step record.
     Rollouts: every completion of every prompt rolled out (dynamic sampling's refills too).
-    Update: the known completions of the kept groups, prompt included, once per epoch (mu);
-    the no-grad passes over them are those grpo._optimise makes: old-policy log-probs when a
-    step has more than one optimizer step, reference log-probs when beta > 0."""
+    Update: the sequences grpo._optimise trains (a known reward, or a teacher's per-token
+    advantages), prompt included, once per epoch (mu). No-grad passes over them, as _optimise
+    makes them: old-policy log-probs when a step has more than one optimizer step or a teacher
+    hook computed them (onpolicy's `sampling_logprobs`), reference log-probs when beta > 0."""
     samples = [s for group in rolled for s in group.samples]
-    sequences = [s for group in batch for s in group.known]
-    prompt, generated, update, count = dist.sum([
+    sequences = [s for group in batch for s in group.samples if s.reward.total is not None or getattr(s, "token_advantages", None) is not None]
+    prompt, generated, update, count, hooked = dist.sum([
         float(sum(len(s.prompt_ids) for s in samples)), float(sum(len(s.completion_ids) for s in samples)),
         float(sum(len(s.prompt_ids) + len(s.completion_ids) for s in sequences)), float(len(sequences)),
+        float(any(getattr(s, "sampling_logprobs", None) is not None for s in sequences)),
     ])  # fmt: skip
     mu, minibatches, beta = getattr(cfg, "mu", 1), getattr(cfg, "minibatches", 1), getattr(cfg, "beta", 0.0)
-    passes = int(mu * min(minibatches, count) > 1) + int(beta > 0)
+    passes = int(mu * min(minibatches, count) > 1 or hooked > 0) + int(beta > 0)
     return {"prompt_tokens": int(prompt), "generated_tokens": int(generated), "forward_backward_tokens": int(mu * update),
             "no_grad_tokens": int(passes * update)}  # fmt: skip
 
 
 def rl_block(run_dir, cfg, model, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """grpo's block (and onpolicy's, which shares its loop) from the step records of every
-    session (rundir.step_rows). A step record's `teacher_scored_tokens` (onpolicy) is the
-    teacher's forward; its N is the metrics' `teacher_params`, else read from cfg.teacher."""
+    session (rundir.step_rows). A step record's `teacher_scored_tokens` (onpolicy: the sampled
+    tokens the teacher scored) is the teacher's forward, together with the prompts ahead of them
+    (the step's `prompt_tokens`: onpolicy scores every rolled-out sample); the teacher's N is
+    the metrics' `teacher_params`, else read from the weights cfg.teacher names."""
     rows = run_dir.step_rows()
     counts = module_params(model)
-    scored = sum(row.get("teacher_scored_tokens", 0) or 0 for row in rows)
+    scored = sum((row.get("teacher_scored_tokens") or 0) + (row.get("prompt_tokens", 0) if row.get("teacher_scored_tokens") else 0) for row in rows)
     teacher = (metrics or {}).get("teacher_params")
     if teacher is None and scored:
         teacher = weights_params(getattr(cfg, "teacher", None))

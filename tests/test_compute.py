@@ -101,8 +101,9 @@ def write_steps(path: Path, rows: list[dict]) -> None:
 
 
 def test_onpolicy_gets_grpo_s_ledger_with_the_teacher_s_scoring(tmp_path):
-    """onpolicy shares grpo's final metrics: a step record's teacher_scored_tokens is the
-    teacher's forward, counted once per step across a resume; N from `teacher_params` or cfg.teacher."""
+    """onpolicy shares grpo's final metrics: a step record's teacher_scored_tokens and the
+    prompts ahead of them are the teacher's forward, counted once per step across a resume; N
+    from `teacher_params` or cfg.teacher."""
     student, teacher = tiny("qwen"), tiny("llama")
     teacher.save_pretrained(tmp_path / "teacher")
     step = {"prompt_tokens": 20, "generated_tokens": 40, "trained_tokens": 35, "forward_backward_tokens": 60, "no_grad_tokens": 0,
@@ -110,10 +111,10 @@ def test_onpolicy_gets_grpo_s_ledger_with_the_teacher_s_scoring(tmp_path):
     write_steps(tmp_path / "run", [{"step": 1, **step}, {"step": 2, **step}, {"event": "resume", "step": 1}, {"step": 2, **step}])
     ledger = compute.rl_block(FakeRun(tmp_path / "run"), SimpleNamespace(teacher=str(tmp_path / "teacher")), student)
     n, nt = 2 * QWEN_LAYER + 32 + 32 * VOCAB, 2 * LLAMA_LAYER + 32 + 32 * VOCAB
-    assert (ledger["student_params"], ledger["teacher_params"], ledger["teacher_tokens_scored"]) == (n, nt, 120)
-    assert ledger["flops_total"] == 2 * nt * 120 + 2 * n * 120 + 6 * n * 120
+    assert (ledger["student_params"], ledger["teacher_params"], ledger["teacher_tokens_scored"]) == (n, nt, 2 * (60 + 20))
+    assert ledger["flops_total"] == 2 * nt * 160 + 2 * n * 120 + 6 * n * 120
     given = compute.rl_block(FakeRun(tmp_path / "run"), SimpleNamespace(teacher="served-elsewhere"), student, {"teacher_params": 1000})
-    assert given["teacher_params"] == 1000 and given["flops"]["teacher_scoring"] == 2 * 1000 * 120
+    assert given["teacher_params"] == 1000 and given["flops"]["teacher_scoring"] == 2 * 1000 * 160
     unknown = compute.rl_block(FakeRun(tmp_path / "run"), SimpleNamespace(), student)
     assert unknown["teacher_params"] is None and unknown["flops_total"] is None
     # grpo: no teacher, no scored tokens, nothing unknown
@@ -166,8 +167,9 @@ def test_compare_adds_up_each_model_s_lineage(tmp_path):
     assert cost["eval-base"]["flops"] == 0
     assert cost["eval-sft"]["flops"] == 2 * nt * 10_000 + 6 * n * 5_000
     assert cost["eval-grpo"]["flops"] == 2 * n * 10_000 + 6 * n * 10_000
-    assert cost["eval-onpolicy"]["flops"] == 2 * nt * 4_000 + 2 * n * 4_000 + 6 * n * 4_000
-    assert cost["eval-onpolicy"]["teacher_tokens_scored"] == 4_000 and cost["eval-sft"]["teacher_tokens"] == 9_000
+    # the teacher scored 2 x 2,000 sampled tokens and read the 2 x 500 prompt tokens ahead of them
+    assert cost["eval-onpolicy"]["flops"] == 2 * nt * 5_000 + 2 * n * 4_000 + 6 * n * 4_000
+    assert cost["eval-onpolicy"]["teacher_tokens_scored"] == 5_000 and cost["eval-sft"]["teacher_tokens"] == 9_000
 
     report = (tmp_path / "report" / "report.md").read_text()
     row = next(line for line in summary["summary_table"].splitlines() if line.startswith("| eval-sft |"))
@@ -204,3 +206,29 @@ def test_a_generate_run_made_in_shards_counts_every_shard(tmp_path):
     assert [p.name for p in found["generate"]] == ["gen"]
     cost = cost_of({"train": [sft], **found})
     assert cost["flops"] == 2 * 1e9 * 4_000 + 6 * 100 * 10 and cost["teacher_tokens"] == 4_000 and cost["wall_hours"] == 1.0
+
+
+def test_a_step_s_token_counts_follow_what_the_update_runs():
+    """rl_step counts the rollout (every sample), the sequences grpo._optimise trains (a known
+    reward or a teacher's per-token advantages) once per epoch, and the no-grad passes."""
+    from distill.students.grpo import Group, Sample
+
+    def sample(prompt: int, completion: int, reward: float | None, **teacher) -> Sample:
+        made = Sample([1] * prompt, [2] * completion, "", False, SimpleNamespace(total=reward))
+        for key, value in teacher.items():
+            setattr(made, key, value)
+        return made
+
+    one = SimpleNamespace(sum=lambda values: list(values))  # a single process
+    rolled = [Group(0, "a", [sample(3, 5, 1.0), sample(3, 7, None)]), Group(1, "b", [sample(4, 2, 0.0), sample(4, 6, 1.0)])]
+    grpo = SimpleNamespace(mu=1, minibatches=1, beta=0.0)
+    assert compute.rl_step(rolled, rolled[:1], grpo, one) == {"prompt_tokens": 14, "generated_tokens": 20, "forward_backward_tokens": 8,
+                                                              "no_grad_tokens": 0}  # fmt: skip
+    reused = SimpleNamespace(mu=2, minibatches=2, beta=0.1)  # old-policy and reference log-probs
+    assert compute.rl_step(rolled, rolled, reused, one)["no_grad_tokens"] == 2 * (8 + 6 + 10) and \
+        compute.rl_step(rolled, rolled, reused, one)["forward_backward_tokens"] == 2 * (8 + 6 + 10)
+    # onpolicy: the teacher's advantages train the sample whose reward is unknown too, and its
+    # hook's pass for the sampling log-probs is a no-grad pass even with one optimizer step
+    scored = [Group(0, "a", [sample(3, 5, None, token_advantages=[0.1], sampling_logprobs=[-1.0]) for _ in range(2)])]
+    assert compute.rl_step(scored, scored, grpo, one) == {"prompt_tokens": 6, "generated_tokens": 10, "forward_backward_tokens": 16,
+                                                          "no_grad_tokens": 16}  # fmt: skip
