@@ -161,6 +161,10 @@ def weights_params(model: str | Path | None) -> int | None:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
+    adapter = _json(directory / "adapter_config.json")
+    if adapter:  # a LoRA adapter kept apart (merge_lora=false): its base runs too
+        base = weights_params(adapter.get("base_model_name_or_path"))
+        return None if base is None else base + sum(math.prod(shape) for f in files for shape in _safetensors_shapes(f).values())
     config = _json(directory / "config.json")
     config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
     layers = config.get("num_hidden_layers")

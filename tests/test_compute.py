@@ -45,6 +45,15 @@ def test_parameter_counts_by_hand(family, layer, tmp_path):
         model.save_pretrained(tmp_path / f"{family}-{tied}")
         assert compute.weights_params(tmp_path / f"{family}-{tied}") == expected, "the weights' headers say the same"
     assert compute.weights_params(tmp_path / "nothing-here") is None and compute.weights_params("no-such/model-anywhere") is None
+    # an adapter exported apart (merge_lora=false): its base's N and the adapter's own parameters
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(tiny(family), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapted.peft_config["default"].base_model_name_or_path = str(tmp_path / f"{family}-True")
+    adapted.save_pretrained(tmp_path / f"{family}-adapter")
+    lora = 2 * (2 * 32 + 32 * 2)  # 2 layers of q_proj: A (r=2 x 32) and B (32 x 2)
+    assert compute.weights_params(tmp_path / f"{family}-adapter") == expected + lora
+    assert compute.module_params(adapted) == {"params": expected + lora, "trainable": lora}
 
 
 def test_flops_by_hand():
