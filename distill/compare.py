@@ -11,6 +11,9 @@ Writes into REPORT_DIR:
     accuracy.png  pass@1 per benchmark with 95% CI error bars
     lengths.png   response-length distributions (tokens) per benchmark and model
     compute.png   pass@1 against training compute (hours to produce the model)
+    accuracy_vs_compute.png
+                  pass@1 against training FLOPs (the compute ledger, distill.compute; log scale,
+                  the base at the left edge)
     config.yaml, metrics.json (the table as data), compare.log
 
 What is read, and from where (no stage's code is called; only files):
@@ -20,9 +23,11 @@ What is read, and from where (no stage's code is called; only files):
   the eval's `model` lies in (or is) a train/grpo run directory; that run's config names its
   data, which lies in a filter or generate run directory, and so on. Run directories given on the
   command line that are not evaluations are linked the same way (and reported if unlinked).
-  From their metrics.json: `gpu_hours` / `cpu_hours` (else `wall_time_s`, shown as wall hours),
-  training tokens (`train_tokens`), teacher tokens generated (`completion_tokens`); the other
-  spellings listed in COST_KEYS are accepted too.
+  The teacher's own lineage is not followed (a teacher made by distill train is not part of its
+  student's cost). From their metrics.json: `gpu_hours` / `cpu_hours` (else `wall_time_s`, shown
+  as wall hours) and the `compute` block (distill.compute: tokens and estimated FLOPs; runs from
+  before it are estimated from `train_tokens` / `completion_tokens` and their step records,
+  marked "~", or shown as "-" when a model's parameter count cannot be found).
 
 The protocol check: runs whose protocol differs on a shared benchmark (k, temperature, top_p,
 max tokens, prompt: system prompt and instruction, the problem set: `--limit`, or the
@@ -45,20 +50,23 @@ from typing import Any, Mapping
 
 import yaml
 
+from distill.compute import human, ledger_of, run_metrics, training_flops
 from distill.errors import ConfigError, InputError
 from distill.evaluate import PROTOCOL_FILE, read_protocol, read_samples
 from distill.metrics import Sample, paired_test, per_problem_scores
 from distill.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 
-# Keys read from the metrics.json of train / grpo / generate runs, first found wins.
+# Keys of hours read from the metrics.json of train / grpo / generate runs, first found wins
+# (tokens and FLOPs come from the compute ledger: distill.compute.ledger_of).
 COST_KEYS = {
     "gpu_hours": ("gpu_hours",),
     "cpu_hours": ("cpu_hours",),
-    "train_tokens": ("train_tokens", "tokens_trained", "trained_tokens", "tokens_seen"),
-    "teacher_tokens": ("completion_tokens", "generated_tokens", "teacher_tokens", "tokens_generated"),
 }
-TRAINING_STAGES = ("train", "grpo")
+TRAINING_STAGES = ("train", "grpo", "onpolicy")
 MADE_BY = ("generate", "filter", *TRAINING_STAGES)  # the stages whose cost is part of a model's
+# Config keys naming a model that takes part in a run without being what the run makes: the
+# teacher (what it cost to make the teacher is not this student's cost) and filter's tokenizer.
+NOT_UPSTREAM = {"generate": ("model",), "filter": ("student",)}
 PROTOCOL_KEYS = ("k", "temperature", "top_p", "max_tokens", "prompt", "problem_set", "no_answer_fallback")
 
 
@@ -114,7 +122,7 @@ def run(cfg: CompareConfig, sources: Mapping[str, str] | None = None) -> dict[st
         row.cost = cost_of(row.lineage)
     linked = {p.resolve() for row in rows for ps in row.lineage.values() for p in ps}
     for path in other_paths:
-        if not (path / METRICS_FILE).is_file():
+        if not run_metrics(path):
             raise InputError(f"{path}: neither an eval run ({PROTOCOL_FILE}) nor a finished run directory ({METRICS_FILE})")
         if path.resolve() not in linked:
             unlinked.append(path)
@@ -132,7 +140,8 @@ def run(cfg: CompareConfig, sources: Mapping[str, str] | None = None) -> dict[st
     # ---- figures per row and benchmark -------------------------------------------------------------
     table = []
     for row in rows:
-        entry: dict[str, Any] = {"label": row.label, "run": str(row.path), "model": row.model, "benchmarks": {}, "cost": row.cost}
+        entry: dict[str, Any] = {"label": row.label, "run": str(row.path), "model": row.model, "benchmarks": {}, "cost": row.cost,
+                                 "eval_flops": (ledger_of(row.path) or {}).get("flops_total")}  # inference: not part of the cost
         for name in benchmarks:
             figures = row.metrics.get("benchmarks", {}).get(name)
             if figures is None:
@@ -201,30 +210,30 @@ def _benchmarks_of(rows: list[Row]) -> list[str]:
 
 def run_dir_of(path: Path, depth: int = 3) -> Path | None:
     """The distill run directory holding `path` (itself or one of its parents): the first with
-    both config.yaml and metrics.json."""
+    both config.yaml and metrics.json (or a sharded generate run's metrics.shard-I-of-N.json)."""
     path = Path(path)
     for candidate in [path, *list(path.parents)[:depth]]:
-        if (candidate / CONFIG_FILE).is_file() and (candidate / METRICS_FILE).is_file():
+        if (candidate / CONFIG_FILE).is_file() and run_metrics(candidate):
             return candidate
     return None
 
 
 def _stage_of(run_path: Path) -> str | None:
-    try:
-        return json.loads((run_path / METRICS_FILE).read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError):
-        return None
+    return run_metrics(run_path).get("stage")
 
 
 def lineage(eval_path: Path) -> dict[str, list[Path]]:
     """The run directories an evaluated model came from, by stage, found by following every
-    path-valued string in each run's config.yaml (the model, the data, the traces)."""
+    path-valued string in each run's config.yaml (the model, the data, the traces), except those
+    naming a teacher (`teacher`, `teacher_*`, generate's `model`) or filter's tokenizer."""
     found: dict[str, list[Path]] = {}
     seen = {eval_path.resolve()}
     frontier = [eval_path]
     while frontier:
         current = frontier.pop()
-        for value in _strings(_read_yaml(current / CONFIG_FILE)):
+        config, skipped = _read_yaml(current / CONFIG_FILE), NOT_UPSTREAM.get(_stage_of(current) or "", ())
+        upstream = {k: v for k, v in config.items() if k not in skipped and k != "teacher" and not str(k).startswith("teacher_")}
+        for value in _strings(upstream):
             for candidate in (Path(value), current.parent / value):
                 try:
                     exists = candidate.exists()
@@ -263,10 +272,15 @@ def _first(metrics: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
     return None
 
 
-def cost_of(found: Mapping[str, list[Path]]) -> dict[str, float | None]:
-    """Hours and tokens it took to make the model: teacher generation plus training (SFT or RL).
-    None where no run of that kind was found (a base model costs nothing here)."""
-    cost: dict[str, float | None] = {"gpu_hours": None, "cpu_hours": None, "wall_hours": None, "train_tokens": None, "teacher_tokens": None}
+def cost_of(found: Mapping[str, list[Path]]) -> dict[str, Any]:
+    """Hours, tokens and FLOPs it took to make the model: teacher generation plus training (SFT,
+    RL, on-policy distillation), from each run's metrics.json and its compute ledger
+    (distill.compute.ledger_of: the run's `compute` block, or an estimate for older runs).
+    Tokens and hours are None where no run of that kind was found; FLOPs are 0 for a base model
+    (nothing made it here) and None when a run's are unknown (`flops_unknown` names it)."""
+    cost: dict[str, Any] = {"gpu_hours": None, "cpu_hours": None, "wall_hours": None, "train_tokens": None, "teacher_tokens": None,
+                            "teacher_tokens_scored": None, "student_tokens_generated": None, "flops": 0.0,
+                            "flops_estimated": [], "flops_unknown": []}  # fmt: skip
 
     def add(key: str, value: float | None) -> None:
         if value is not None:
@@ -274,16 +288,28 @@ def cost_of(found: Mapping[str, list[Path]]) -> dict[str, float | None]:
 
     for stage, paths in found.items():
         for path in paths:
-            metrics = json.loads((path / METRICS_FILE).read_text(encoding="utf-8"))
+            metrics = run_metrics(path)
             gpu, cpu = _first(metrics, COST_KEYS["gpu_hours"]), _first(metrics, COST_KEYS["cpu_hours"])
             add("gpu_hours", gpu)
             add("cpu_hours", cpu)
             if gpu is None and cpu is None and isinstance(metrics.get("wall_time_s"), (int, float)):
                 add("wall_hours", metrics["wall_time_s"] / 3600)
+            ledger = ledger_of(path) or {}
             if stage in TRAINING_STAGES:
-                add("train_tokens", _first(metrics, COST_KEYS["train_tokens"]))
+                add("train_tokens", ledger.get("student_tokens_trained"))
+                add("student_tokens_generated", ledger.get("student_tokens_generated") or None)
+                add("teacher_tokens_scored", ledger.get("teacher_tokens_scored") or None)
             if stage == "generate":
-                add("teacher_tokens", _first(metrics, COST_KEYS["teacher_tokens"]))
+                add("teacher_tokens", ledger.get("teacher_tokens_generated"))
+            flops = training_flops(ledger)
+            if flops is None:
+                cost["flops_unknown"].append(str(path))
+            elif cost["flops"] is not None:
+                cost["flops"] += flops
+            if ledger.get("estimated") and flops:
+                cost["flops_estimated"].append(str(path))
+    if cost["flops_unknown"]:
+        cost["flops"] = None  # never a partial sum shown as the whole
     return cost
 
 
@@ -411,8 +437,8 @@ def _pass_at_1(cell: Mapping[str, Any]) -> str:
 
 def summary_table(table, benchmarks, baseline: Row) -> list[str]:
     """The report's first table, also printed by `distill compare` and `distill demo`: one row per
-    model, pass@1 per benchmark with its 95% CI, one cost column."""
-    header = ["model", *benchmarks, "cost to make"]
+    model, pass@1 per benchmark with its 95% CI, the hours and the FLOPs it took to make it."""
+    header = ["model", *benchmarks, "cost to make", "training FLOPs"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for entry in table:
         cells = [f"**{entry['label']}**" if entry["label"] == baseline.label else entry["label"]]
@@ -420,8 +446,28 @@ def summary_table(table, benchmarks, baseline: Row) -> list[str]:
             cell = entry["benchmarks"].get(name)
             cells.append("—" if cell is None else _pass_at_1(cell) + _arrow(cell.get("vs_baseline")))
         cells.append(_hours_text(entry["cost"]))
+        cells.append(_flops_text(entry["cost"]))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _flops_text(cost: Mapping[str, Any]) -> str:
+    """Training FLOPs, human-readable: "~" where estimated from a run without a ledger, "-" unknown."""
+    return ("~" if cost.get("flops_estimated") and cost.get("flops") else "") + human(cost.get("flops"))
+
+
+def _flops_notes(table) -> list[str]:
+    """The footnotes the FLOP column needs: which runs were estimated, which are unknown."""
+    notes = []
+    estimated = sorted({p for entry in table for p in entry["cost"].get("flops_estimated", [])})
+    unknown = sorted({p for entry in table for p in entry["cost"].get("flops_unknown", [])})
+    if estimated:
+        notes.append("`~` estimated from runs made before the compute ledger (their prompt tokens and extra passes were not "
+                     "recorded): " + ", ".join(estimated))
+    if unknown:
+        notes.append("`-` unknown: no parameter count for a model these runs used (weights not on this machine; for a served teacher "
+                     "set `model_params`): " + ", ".join(unknown))
+    return notes
 
 
 def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Row, mismatches, unlinked) -> None:
@@ -431,12 +477,16 @@ def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Ro
         "",
         f"pass@1 in percent with its 95% CI, per benchmark; baseline **{baseline.label}** ({baseline.model}). "
         "▲ / ▼: better / worse than the baseline (paired permutation test over problems, p < 0.05). "
-        "Cost: the compute spent making the model (teacher generation and training; details below)."
+        "Cost: the compute spent making the model (teacher generation and training; details below): hours as recorded, and "
+        "training FLOPs estimated by the compute ledger (2N per token forward, 6N per token trained; docs/architecture.md)."
         + (" † marks a result evaluated under another protocol than the other runs'." if mismatches else ""),
         "",
         *summary_table(table, benchmarks, baseline),
         "",
+        *([f"{note}  " for note in _flops_notes(table)] + [""] if _flops_notes(table) else []),
         "![pass@1 per benchmark with 95% CIs](accuracy.png)",
+        "",
+        "![pass@1 against the training FLOPs that made each model](accuracy_vs_compute.png)",
         "",
     ]
     if mismatches:
@@ -467,14 +517,21 @@ def _write_markdown(path: Path, table, rows: list[Row], benchmarks, baseline: Ro
 
     # ---- cost -------------------------------------------------------------------------------------
     lines += ["## Cost", "",
-              "What it took to make each model, from the run directories it came from (found by following their config files): "
-              "hours (GPU, CPU, or wall time when neither was recorded), tokens trained on, and teacher tokens generated.", "",
-              "| model | compute | train tokens | teacher tokens | mean response tokens | made from |", "|---|---:|---:|---:|---:|---|"]
+              "What it took to make each model, from the run directories it came from (found by following their config files; "
+              "a teacher's own making is not followed): hours (GPU, CPU, or wall time when neither was recorded), training FLOPs "
+              "(the compute ledger: teacher sampling and scoring, student sampling, training and extra no-grad passes; an estimate "
+              "that leaves out attention, padding and cache savings), tokens trained on (with a loss), teacher tokens generated and "
+              "scored, and the student's own samples (RL, on-policy). Eval FLOPs: the evaluation's own inference, not counted in the cost.", "",
+              "| model | compute | training FLOPs | train tokens | teacher tokens generated | teacher tokens scored | student tokens sampled "
+              "| eval FLOPs | mean response tokens | made from |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for entry, row in zip(table, rows):
         cost = entry["cost"]
         made_from = "; ".join(f"{stage}: {', '.join(str(p) for p in paths)}" for stage, paths in row.lineage.items()) or "—"
-        lines.append(f"| {entry['label']} | {_hours_text(cost)} | {_number(cost.get('train_tokens'))} | {_number(cost.get('teacher_tokens'))} "
+        lines.append(f"| {entry['label']} | {_hours_text(cost)} | {_flops_text(cost)} | {_number(cost.get('train_tokens'))} "
+                     f"| {_number(cost.get('teacher_tokens'))} | {_number(cost.get('teacher_tokens_scored'))} "
+                     f"| {_number(cost.get('student_tokens_generated'))} | {human(entry.get('eval_flops'))} "
                      f"| {_number(entry['response_tokens_mean'], 0)} | {made_from} |")
+    lines += [""] + [f"{note}  " for note in _flops_notes(table)] if _flops_notes(table) else []
     if unlinked:
         lines += ["", "Run directories given but not linked to any evaluated model (their cost is not counted): "
                   + ", ".join(str(p) for p in unlinked)]
@@ -505,7 +562,8 @@ def _write_csv(path: Path, table, benchmarks) -> None:
     for name in benchmarks:
         columns += [f"{name}_{c}" for c in ("pass@1", "pass@1_ci_low", "pass@1_ci_high", "pass@1_se", "cons@k", "k", "pass@k",
                                             "diff_vs_baseline", "diff_ci_low", "diff_ci_high", "p_value", "response_tokens_mean", "protocol_mismatch")]
-    columns += ["gpu_hours", "cpu_hours", "wall_hours", "train_tokens", "teacher_tokens", "response_tokens_mean"]
+    columns += ["gpu_hours", "cpu_hours", "wall_hours", "training_flops", "training_flops_estimated", "train_tokens", "teacher_tokens",
+                "teacher_tokens_scored", "student_tokens_generated", "eval_flops", "response_tokens_mean"]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -525,7 +583,10 @@ def _write_csv(path: Path, table, benchmarks) -> None:
                     f"{name}_p_value": test.get("p_value"), f"{name}_response_tokens_mean": cell["response_tokens_mean"],
                     f"{name}_protocol_mismatch": cell["mismatch"],
                 })
-            values.update({k: entry["cost"].get(k) for k in ("gpu_hours", "cpu_hours", "wall_hours", "train_tokens", "teacher_tokens")})
+            values.update({k: entry["cost"].get(k) for k in ("gpu_hours", "cpu_hours", "wall_hours", "train_tokens", "teacher_tokens",
+                                                             "teacher_tokens_scored", "student_tokens_generated")})
+            values.update(training_flops=entry["cost"].get("flops"), training_flops_estimated=bool(entry["cost"].get("flops_estimated")),
+                          eval_flops=entry.get("eval_flops"))
             values["response_tokens_mean"] = entry["response_tokens_mean"]
             writer.writerow(values)
 
@@ -641,4 +702,48 @@ def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> lis
     shown = [label for label in labels if label in handles]
     legend_below(figure, [handles[label] for label in shown], [_cost_label(label, table[labels.index(label)]["cost"]) for label in shown])
     save(figure, "compute.png")
-    return ["accuracy.png", "lengths.png", "compute.png"]
+
+    # accuracy against the training FLOPs of the compute ledger: one panel per benchmark, x on a
+    # log scale; a model nothing was spent on (the base) sits at the left edge, marked "0"
+    flops = [entry["cost"].get("flops") for entry in table]
+    positive = [f for f in flops if f]
+    left = 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 0.0
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(max(6.0, 3.2 * columns), 3.2 * panel_rows + legend_height + 0.3),
+                                squeeze=False, sharey=True, layout="constrained")
+    handles = {}
+    for axis, name in zip(axes.flat, benchmarks):
+        for value, entry in zip(flops, table):
+            cell = entry["benchmarks"].get(name)
+            if value is None or cell is None or cell.get("pass@1") is None:
+                continue  # unknown FLOPs: named in the legend, not placed
+            low, high = cell.get("pass@1_ci95") or (cell["pass@1"], cell["pass@1"])
+            error = [[100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"]))],
+                     [100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"])]]
+            color, marker = style[entry["label"]]
+            handles[entry["label"]] = axis.errorbar([value or left], [100 * cell["pass@1"]], yerr=error, fmt=marker, color=color,
+                                                    markersize=7, capsize=3, elinewidth=1)
+        if positive:
+            axis.set_xscale("log")
+            top = math.ceil(math.log10(max(positive)) + 0.3)
+            decades = list(range(int(math.log10(left)) + 1, top + 1))
+            decades = decades[:: max(1, math.ceil(len(decades) / 5))]
+            axis.set_xticks([left] + [10.0**d for d in decades], ["0"] + [f"1e{d}" for d in decades])
+            axis.minorticks_off()
+            axis.set_xlim(left / 10**0.4, 10.0**top)
+            axis.axvline(left * 10**0.5, color="grey", linestyle=":", linewidth=1)  # the axis is broken between 0 and the rest
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(benchmarks):]:
+        axis.set_visible(False)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("pass@1 (%), 95% CI")
+    for axis in axes[-1, :]:
+        axis.set_xlabel("training FLOPs (estimated)")
+    figure.suptitle("Accuracy against training compute\n(compute ledger: teacher + student FLOPs)", fontsize="medium")
+    names = [f"{entry['label']} ({_flops_text(entry['cost'])} FLOPs{'' if entry['label'] in handles else ', not placed: unknown'})"
+             for entry in table]
+    from matplotlib.lines import Line2D
+
+    legend_below(figure, [handles.get(entry["label"]) or Line2D([], [], linestyle="none") for entry in table], names)
+    save(figure, "accuracy_vs_compute.png")
+    return ["accuracy.png", "lengths.png", "compute.png", "accuracy_vs_compute.png"]

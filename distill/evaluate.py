@@ -430,7 +430,24 @@ def compute_metrics(run_path: str | Path, protocol: Mapping[str, Any], verifier:
             samples = vote_by_equivalence(samples, verifier)
         figures[name] = benchmark_metrics(samples, k=spec["k"], seed=protocol.get("seed", 0), expected_problems=spec["problems"])
     public = {**protocol, "benchmarks": {n: {k: v for k, v in b.items() if k != "problem_ids"} for n, b in protocol["benchmarks"].items()}}
-    return {"protocol": public, "benchmarks": figures}
+    return {"protocol": public, "benchmarks": figures, "compute": _inference_ledger(Path(run_path), protocol)}
+
+
+def _inference_ledger(run_path: Path, protocol: Mapping[str, Any]) -> dict[str, Any]:
+    """The compute ledger of this evaluation (distill.compute): every stored sample's prompt and
+    completion tokens through the evaluated model; inference, not part of what making it cost."""
+    from distill.compute import eval_block
+    from distill.rundir import read_config
+
+    prompt = completion = 0
+    for name in protocol["benchmarks"]:
+        path = samples_path(run_path, name)
+        if path.is_file() and path.stat().st_size:
+            for record in read_traces(path).records:
+                prompt += int(record.prompt_tokens or 0)
+                completion += int(record.completion_tokens or 0)
+    model = read_config(run_path).get("model") if (run_path / "config.yaml").is_file() else None
+    return eval_block(model, prompt, completion)
 
 
 def vote_by_equivalence(samples: list[Sample], verifier: Any) -> list[Sample]:

@@ -93,19 +93,22 @@ def test_compare_three_runs(three_runs):
     # the summary comes first: one row per model, pass@1 [CI] per benchmark, one cost column;
     # the details (Δ with p-values, cons@k, pass@k, lengths) come after it
     tables = [line for line in report.splitlines() if line.startswith("| model |")]
-    assert tables[0] == "| model | toy | cost to make |"
+    assert tables[0] == "| model | toy | cost to make | training FLOPs |"
     summary_rows = report.split(tables[0])[1].split("\n\n")[0].splitlines()[2:]
     assert [row.split(" | ")[0] for row in summary_rows] == ["| **eval-base**", "| eval-sft", "| eval-grpo"]
     low, high = sft_cell["pass@1_ci95"]
-    assert summary_rows[1] == f"| eval-sft | {100 * sft_cell['pass@1']:.1f} [{100 * low:.1f}, {100 * high:.1f}] ▲ | 14.00 GPU-h |"
-    assert report.index("| model | toy | cost to make |") < report.index("## Per benchmark") < report.index("(p=")
-    assert summary["summary_table"] == "\n".join([tables[0], "|---|---:|---:|", *summary_rows])
+    # these runs predate the compute ledger and name no weights on this machine: FLOPs unknown, "-" with a footnote
+    assert summary_rows[1] == f"| eval-sft | {100 * sft_cell['pass@1']:.1f} [{100 * low:.1f}, {100 * high:.1f}] ▲ | 14.00 GPU-h | - |"
+    assert summary_rows[0].endswith("| — | 0 |"), "the base cost nothing"
+    assert "`-` unknown: no parameter count" in report
+    assert report.index("| model | toy | cost to make | training FLOPs |") < report.index("## Per benchmark") < report.index("(p=")
+    assert summary["summary_table"] == "\n".join([tables[0], "|---|---:|---:|---:|", *summary_rows])
     with (root / "report" / "report.csv").open() as handle:
         table = list(csv.DictReader(handle))
     assert [r["model"] for r in table] == ["eval-base", "eval-sft", "eval-grpo"]
     assert float(table[1]["toy_pass@1"]) == pytest.approx(sft_cell["pass@1"])
     assert float(table[1]["toy_pass@1_ci_low"]) < float(table[1]["toy_pass@1"]) < float(table[1]["toy_pass@1_ci_high"])
-    for name in ("accuracy.png", "lengths.png", "compute.png"):
+    for name in ("accuracy.png", "lengths.png", "compute.png", "accuracy_vs_compute.png"):
         data = (root / "report" / name).read_bytes()
         assert len(data) > 5000 and data[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -140,7 +143,7 @@ def test_compare_cli_and_errors(three_runs, run_cli):
     code, out, err = run_cli("compare", str(base), str(sft), "--out", str(root / "cli"), "seed=1")
     assert code == 0, err
     assert (root / "cli" / "report.md").is_file()
-    assert out.splitlines()[0] == "| model | toy | cost to make |", "the summary table is the result printed"
+    assert out.splitlines()[0] == "| model | toy | cost to make | training FLOPs |", "the summary table is the result printed"
     assert err.splitlines()[0].startswith("distill compare: 2 eval runs (eval-base, eval-sft) on toy, baseline eval-base")
     assert err.splitlines()[1] == "  command line: seed=1"
     code, _, err = run_cli("compare", str(root / "gen"), "--out", str(root / "x"))

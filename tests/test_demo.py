@@ -23,7 +23,8 @@ def test_quick_demo_completes_and_the_distilled_student_beats_its_base(tmp_path,
     for stage in ("generate", "filter", "train", "grpo", "eval-base", "eval-distilled", "eval-rl"):
         metrics = json.loads((out / stage / "metrics.json").read_text())
         assert metrics["stage"] in stage, f"{stage}/metrics.json was written by the {metrics['stage']} stage"
-    for name in ("report.md", "report.csv", "accuracy.png"):
+        assert metrics["compute"]["ledger"] == 1, f"{stage}/metrics.json has no compute ledger"
+    for name in ("report.md", "report.csv", "accuracy.png", "accuracy_vs_compute.png"):
         assert (out / "report" / name).stat().st_size > 0, f"compare wrote no {name}"
     assert (out / "filter" / "accepted.parquet").is_file()
 
@@ -34,3 +35,5 @@ def test_quick_demo_completes_and_the_distilled_student_beats_its_base(tmp_path,
     scores = summary["pass@1"]
     assert scores["distilled"] > scores["base"], f"the distilled student does not beat its base: {scores}"
     assert "distilled" in stdout and "rl-only" in stdout, "the table is printed"
+    flops = {row["label"]: row["cost"]["flops"] for row in json.loads((out / "report" / "metrics.json").read_text())["rows"]}
+    assert flops["base"] == 0 and flops["distilled"] > 0 and flops["rl-only"] > 0, f"every trained model's FLOPs are known: {flops}"

@@ -52,6 +52,11 @@ def test_eval_end_to_end_resume_and_rescore(tiny_qwen, tmp_path, run_cli):
     assert environment["versions"]["transformers"] and environment["gpus_used"] == 0 and environment["batch_size"] == 8
     assert environment["resolved_dtype"] == "torch.float32"
     assert metrics["cpu_hours"] > 0 and metrics["gpu_hours"] == 0 and metrics["generation_wall_time_s"] > 0
+    ledger = metrics["compute"]  # its own inference, reported apart from what making the model cost
+    stored = [r for name in ("math500", "gsm8k") for r in read_traces(samples_path(out, name)).records]
+    assert ledger["counts_as"] == "inference" and ledger["student_tokens_generated"] == sum(r.completion_tokens for r in stored)
+    assert ledger["student_prompt_tokens"] == sum(r.prompt_tokens for r in stored)
+    assert ledger["flops_total"] == 2 * ledger["student_params"] * (ledger["student_prompt_tokens"] + ledger["student_tokens_generated"]) > 0
     assert json.loads((out / "metrics.json").read_text())["benchmarks"] == metrics["benchmarks"]
 
     # rescore (command line): the same verdicts and figures, nothing generated

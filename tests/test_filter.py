@@ -119,6 +119,8 @@ def test_filter_records_every_verdict_and_the_first_reason(tmp_path, verifier, d
         assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{plot}.png" in report
     assert json.loads((out / "metrics.json").read_text())["accepted"] == 3
+    ledger = json.loads((out / "metrics.json").read_text())["compute"]  # no model ran; the input's ledger is the cost
+    assert ledger["counts_as"] == "none" and ledger["flops_total"] == 0 and len(ledger["upstream"]) == 1
     # Rejections the user may not expect, over 1%: a warning line and a record in metrics.json.
     warnings = json.loads((out / "metrics.json").read_text())["warnings"]
     assert [(w["reason"], w["count"], w["total"]) for w in warnings] == [("truncated", 1, 12)]

@@ -76,6 +76,11 @@ def test_records_hold_the_think_prefill_and_their_provenance(reference, tiny_qwe
     assert metrics["samples"] == 8 and sum(metrics["finish_reasons"].values()) == 8
     assert metrics["completion_tokens"] == sum(r["completion_tokens"] for r in records.values())
     assert metrics["wall_time_s"] > 0 and metrics["run"]["samples_per_s"] > 0 and metrics["errors"] == 0
+    # the compute ledger: the teacher's N read from its weights, 2N per prompt and sampled token
+    ledger, vocab = metrics["compute"], json.loads((tiny_qwen / "config.json").read_text())["vocab_size"]
+    assert ledger["teacher_params"] == 18720 + 32 * vocab  # tests/test_compute.py counts it by hand
+    assert ledger["teacher_tokens_generated"] == metrics["completion_tokens"] and ledger["teacher_prompt_tokens"] == metrics["prompt_tokens"]
+    assert ledger["flops_total"] == 2 * ledger["teacher_params"] * (metrics["prompt_tokens"] + metrics["completion_tokens"])
     assert yaml.safe_load((out / "config.yaml").read_text())["n"] == 2
 
 

@@ -138,6 +138,15 @@ def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch
     # the same command once more: nothing left to do, the figures stand
     again = run(config(task, tmp_path / "killed", **settings))
     assert again == json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    # the compute ledger counts every step once across the resume; mu=2 epochs of forward +
+    # backward, one no-grad pass (old log-probs, several optimizer steps per rollout)
+    ledger = again["compute"]
+    assert ledger == json.loads((tmp_path / "straight" / "metrics.json").read_text())["compute"]
+    assert ledger["student_tokens_generated"] == sum(r["generated_tokens"] for r in resumed) > 0 and ledger["teacher_tokens_scored"] == 0
+    assert ledger["student_tokens_forward_backward"] == 2 * ledger["student_tokens_no_grad"] > 0
+    n = ledger["student_params"]
+    assert ledger["flops_total"] == 2 * n * (ledger["student_prompt_tokens"] + ledger["student_tokens_generated"] + ledger["student_tokens_no_grad"]) \
+        + 6 * n * ledger["student_tokens_forward_backward"]
     assert len(metrics(tmp_path / "killed")) == 8, "a finished run rerun logs nothing more"
     weights_a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     weights_b = load_file(tmp_path / "killed" / "model" / "model.safetensors")

@@ -259,6 +259,14 @@ def test_loss_falls_parameters_change_and_every_step_is_logged(reference, studen
     assert len(changed) == len(base), f"every parameter moved; unchanged: {set(base) - set(changed)}"
     metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["final_loss"] == pytest.approx(records[4]["loss"])
+    # the compute ledger: every token of each sequence through forward + backward, 6N each
+    from distill.compute import weights_params
+
+    ledger = metrics["compute"]
+    assert ledger["student_params"] == weights_params(student) and ledger["counts_as"] == "training"
+    assert ledger["student_tokens_trained"] == metrics["train_tokens"] == sum(r["trained_tokens"] for r in records.values())
+    assert ledger["student_tokens_forward_backward"] == sum(r["tokens"] for r in records.values()) > ledger["student_tokens_trained"]
+    assert ledger["flops_total"] == 6 * ledger["student_params"] * ledger["student_tokens_forward_backward"]
     assert (reference / "config.yaml").is_file() and (reference / "train.log").is_file()
 
 

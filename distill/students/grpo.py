@@ -270,6 +270,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from distill import compute as ledger
     from distill.engines import Request, Sampling, make_engine
     from distill.errors import ConfigError, InputError
     from distill.problems import load_problems
@@ -456,6 +457,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
 
             record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch, dist), **update, "lr": lr,
                       "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3)}  # fmt: skip
+            record.update(ledger.rl_step(rolled, batch, cfg, dist))  # tokens for the compute ledger
             history.append(record)
             if run_dir is not None:
                 run_dir.log_metrics(record)
@@ -497,6 +499,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         "chat_template": template.name,
     }
     if run_dir is not None:
+        final["compute"] = ledger.rl_block(run_dir, cfg, model, final)  # every session's step records
         run_dir.write_metrics(final)
         say(f"done: {cfg.steps} steps, mean reward {_short(final['reward_mean_first'])} -> {_short(final['reward_mean_last10'])} "
             f"(last 10 steps), accuracy {_short(final['accuracy_last10'])}; model in {model_dir}")

@@ -172,6 +172,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from distill.compute import train_block
     from distill.rundir import RunDir
     from distill.students.chat import apply_template, resolve_template
     from distill.students.checkpoint import Checkpointer, export_model
@@ -388,6 +389,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         "chat_template": template.name,
     }
     if run_dir is not None:
+        metrics["compute"] = train_block(run_dir, model)  # the ledger; the data's teacher cost is its lineage's
         run_dir.write_metrics(metrics)
         losses = f"loss {_loss(metrics['first_loss'])} -> {_loss(last_loss)}" if history else f"loss {_loss(last_loss)}"
         say(f"done: {total_steps} steps, {losses}, {metrics['train_tokens'] or 0:,.0f} tokens trained, "
@@ -553,17 +555,14 @@ def _parameter_counts(model) -> dict[str, int]:
     """Parameter counts and model FLOPs per token: 2N forward, 2N backward through activations,
     2N_trained backward into weights (6N for full fine-tuning; less for LoRA). The embedding
     lookup costs no matmul; a tied LM head does."""
+    from distill.compute import module_params
     from distill.students.logprobs import causal_lm
 
-    lm = causal_lm(model)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = lm.config
-    embedding = lm.get_input_embeddings().weight.numel()
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    compute = total if tied else total - embedding
+    config = causal_lm(model).config
+    counts = module_params(model)  # N as the compute ledger counts it: one convention
+    compute, trainable = counts["params"], counts["trainable"]
     return {
-        "total": total,
+        "total": sum(p.numel() for p in model.parameters()),
         "trainable": trainable,
         "flops_per_token": 4 * compute + 2 * min(trainable, compute),
         "layers": int(config.num_hidden_layers),

@@ -56,6 +56,7 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from distill.compute import filter_block
 from distill.errors import InputError
 from distill.problems import PRESETS, load_problems
 from distill.records import OnBadRow, ParquetSink, TraceRecord, iter_traces
@@ -326,6 +327,7 @@ def run(cfg: FilterConfig, sources: dict[str, str] | None = None, verifier: Veri
                                       "reject_reasons", "check_failures", "skipped_rows")}
     metrics.update(contaminated_problems=len(contaminated), duplicate_problems=len(duplicates),
                    mean_pass_rate=stats["pass_rate"]["mean"], undecided=stats["verifier"].get("undecided", 0))
+    metrics["compute"] = filter_block([cfg.traces])  # no model runs here; the traces' ledger is the cost
     rundir.write_metrics(metrics)
     rundir.say(f"kept {metrics['accept_rate']:.1%} of the traces, from {metrics['accepted_problems']} problems; "
                f"report: {rundir.file('report.md')}")

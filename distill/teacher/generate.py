@@ -45,6 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from distill.compute import generate_block
 from distill.config import to_dict
 from distill.engines import Completion, Request, Sampling, make_engine
 from distill.errors import ConfigError, DistillError
@@ -116,6 +117,9 @@ class GenerateConfig:
     flush_every: int = 16  # records per fsync'd write
     flush_seconds: float = 5.0  # ... or this long, whichever comes first
     trust_remote_code: bool = False
+    # the teacher's N for the compute ledger (distill.compute) when its weights are not on this
+    # machine (a served model) or to override what they say; a mixture of experts: the active ones
+    model_params: float | None = None
     hf: HFOptions = field(default_factory=HFOptions)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     openai: OpenAIOptions = field(default_factory=OpenAIOptions)
@@ -306,6 +310,7 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
         "run": stats.snapshot(generation, complete),  # this invocation, generation only (no model load)
         "errors": len(stats.errors),
         "retries": getattr(engine, "retries", 0),
+        "compute": generate_block(cfg.model, totals["prompt_tokens"], totals["completion_tokens"], cfg.model_params),
     }
     run_dir.log_metrics(stats.snapshot(generation, complete))
     if shard is None:
