@@ -14,6 +14,11 @@ so peak memory is one chunk's logits, whatever T is:
   installed, else `LinearCrossEntropy`, the same method in torch (gradients computed chunk by
   chunk in the forward, no recomputation).
 
+- the summed loss with logit distillation (`summed_nll_kd`, `distill train kd_alpha>0`): the
+  cross-entropy and the forward KL to the teacher's top-k (`topk_forward_kl`) from the same
+  chunk of logits, each chunk checkpointed as for per-token log-probs (autograd's gradients;
+  one vocabulary matmul more per token than LinearCrossEntropy, and liger is not used).
+
 `Scorer` wraps a Hugging Face causal LM (plain, peft-wrapped or FSDP-sharded) as a module whose
 forward returns these quantities; under FSDP2 it is the root module, so the embedding, final
 norm and LM head are gathered by its hooks.
@@ -176,6 +181,66 @@ def summed_nll(model: nn.Module, input_ids, position_ids, targets, attention_mas
     return -logprobs_from_hidden(hidden, head, targets, chunk_tokens, softcap).sum()
 
 
+def topk_forward_kl(student_logprobs, teacher_logprobs, temperature: float = 1.0):
+    """Sum over rows of T^2 * sum_k p_t,k (log p_t,k - log p_s,k): the forward KL from the teacher's
+    top-k to the student, a scalar.
+
+    student_logprobs (M, K): the student's log-softmax over its FULL vocabulary at temperature T,
+    at the teacher's top-k ids. teacher_logprobs (M, K): the teacher's log-probs (temperature 1)
+    of those ids; -inf marks padding. The teacher side is renormalised over its top-k at T:
+    p_t = softmax(teacher_logprobs / T) over k, exactly the teacher's tempered distribution
+    restricted to its top-k (log-probs differ from logits by a constant per row). The tail the
+    top-k do not cover gets no teacher mass; the student's is not renormalised, so the term is
+    >= -log(sum_k p_s,k) >= 0 and is zero only when the student puts p_t on the top-k and nothing
+    elsewhere: mass the student leaves in the tail is penalised (DistillKit's `missing=zero`).
+    T^2 keeps the gradient's size comparable across temperatures (Hinton et al. 2015)."""
+    teacher = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)  # (M, K)
+    weight = teacher.exp()
+    teacher = teacher.masked_fill(weight == 0, 0.0)  # padded entries: 0 * (0 - s), no -inf * 0
+    return (weight * (teacher - student_logprobs)).sum() * temperature**2
+
+
+def _chunk_ce_kd(hidden, weight, bias, targets, slots, kd_ids, kd_logprobs, temperature: float, softcap):
+    # hidden (n, H), targets (n,), slots (n,): row of kd_ids / kd_logprobs (M, K) or -1 -> (2,) [CE sum, KD sum]
+    logits = F.linear(hidden, weight, bias).float()  # (n, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ce = (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
+    rows = (slots >= 0).nonzero(as_tuple=True)[0]
+    index = slots.index_select(0, rows)
+    scaled = logits.index_select(0, rows) / temperature  # (m, V)
+    student = scaled.gather(-1, kd_ids.index_select(0, index)) - torch.logsumexp(scaled, dim=-1, keepdim=True)  # (m, K)
+    return torch.stack([ce, topk_forward_kl(student, kd_logprobs.index_select(0, index), temperature)])
+
+
+def ce_kd_from_hidden(hidden, head: nn.Module, targets, kd, temperature: float = 1.0, chunk_tokens: int = 1024, softcap=None):
+    """(2,) [sum of -log p(target), sum of the top-k forward KL] over a micro-batch, from hidden
+    states (B, T, H); `kd` (students/data.py KDBatch) holds the teacher's top-k at flat positions
+    that all have a target. Chunked and checkpointed: one chunk's (n, V) logits at a time."""
+    rows, wanted, picked = _rows_with_targets(hidden, targets)
+    slots = torch.full((targets.numel(),), -1, dtype=torch.long, device=targets.device)
+    slots[kd.positions] = torch.arange(len(kd.positions), device=targets.device)
+    slots = slots.index_select(0, picked)  # (N,) per trained position: its top-k row, or -1
+    if int((slots >= 0).sum()) != len(kd.positions):
+        raise ValueError("a position with the teacher's top-k has no target: the alignment of the top-k to the sequence is wrong")
+    ids, logprobs = kd.ids, kd.logprobs.float()
+    pieces = []
+    for start in range(0, rows.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        args = (rows[start:end], head.weight, head.bias, wanted[start:end], slots[start:end], ids, logprobs, temperature, softcap)
+        pieces.append(checkpoint(_chunk_ce_kd, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce_kd(*args))
+    if not pieces:
+        return _touch_zero(hidden, head).expand(2)
+    return torch.stack(pieces).sum(0)
+
+
+def summed_nll_kd(model: nn.Module, input_ids, position_ids, targets, kd, attention_mask=None, chunk_tokens: int = 1024, temperature: float = 1.0):
+    """(2,) [summed NLL, summed top-k forward KL] of a micro-batch (ce_kd_from_hidden)."""
+    hidden = final_hidden_states(model, input_ids, position_ids, attention_mask)
+    head, softcap = _head(model)
+    return ce_kd_from_hidden(hidden, head, targets, kd, temperature, chunk_tokens, softcap)
+
+
 def _liger(required: bool):
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -187,8 +252,9 @@ def _liger(required: bool):
 
 
 class Scorer(nn.Module):
-    """A causal LM as a module returning per-token log-probs (reduction="none", (B, T)) or the
-    summed NLL (reduction="sum", scalar). The root module for FSDP2 sharding."""
+    """A causal LM as a module returning per-token log-probs (reduction="none", (B, T)), the
+    summed NLL (reduction="sum", scalar), or with the teacher's top-k (`kd`, reduction="sum") the
+    summed NLL and top-k forward KL ((2,)). The root module for FSDP2 sharding."""
 
     def __init__(self, model: nn.Module, chunk_tokens: int = 1024, fused: str = "auto"):
         super().__init__()
@@ -196,7 +262,9 @@ class Scorer(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.fused = fused
 
-    def forward(self, input_ids, position_ids=None, targets=None, attention_mask=None, reduction: str = "none"):
+    def forward(self, input_ids, position_ids=None, targets=None, attention_mask=None, reduction: str = "none", kd=None, kd_temperature: float = 1.0):
+        if reduction == "sum" and kd is not None:  # logit distillation: (2,) [NLL, top-k forward KL]
+            return summed_nll_kd(self.model, input_ids, position_ids, targets, kd, attention_mask, self.chunk_tokens, kd_temperature)
         if reduction == "sum":
             return summed_nll(self.model, input_ids, position_ids, targets, attention_mask, self.chunk_tokens, self.fused)
         return token_logprobs(self.model, input_ids, position_ids, targets, attention_mask, self.chunk_tokens)
