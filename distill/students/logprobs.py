@@ -194,7 +194,8 @@ def topk_forward_kl(student_logprobs, teacher_logprobs, temperature: float = 1.0
     >= -log(sum_k p_s,k) >= 0 and is zero only when the student puts p_t on the top-k and nothing
     elsewhere: mass the student leaves in the tail is penalised (DistillKit's `missing=zero`).
     T^2 keeps the gradient's size comparable across temperatures (Hinton et al. 2015)."""
-    teacher = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)  # (M, K)
+    dtype = torch.promote_types(student_logprobs.dtype, torch.float32)  # fp16 storage and bf16 compute are widened
+    teacher = torch.log_softmax(teacher_logprobs.to(dtype) / temperature, dim=-1)  # (M, K)
     weight = teacher.exp()
     teacher = teacher.masked_fill(weight == 0, 0.0)  # padded entries: 0 * (0 - s), no -inf * 0
     return (weight * (teacher - student_logprobs)).sum() * temperature**2
