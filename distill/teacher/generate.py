@@ -58,7 +58,7 @@ from distill.problems import Fields, Problem, load_problems, select_shard
 from distill.records import TraceRecord, TraceWriter, iter_jsonl, record_id, repair_tail
 from distill.rundir import CONFIG_FILE, RunDir, check_locked, field_defaults, write_json
 from distill.teacher.prompts import R1_INSTRUCTION, RenderedPrompt, full_completion, load_chat_template, render_prompt
-from distill.topk import SidecarWriter, bytes_per_token, pack, reference_end, repair_sidecar, sidecar_path
+from distill.topk import SidecarWriter, bytes_per_token, pack, parse_reference, reference_end, repair_sidecar, sidecar_path
 
 # Settings that define what a run directory's traces are; a resumed run must match them.
 LOCKED = ("model", "system", "instruction", "chat_template", "temperature", "top_p", "max_tokens", "stop", "seed", "top_logprobs")
@@ -469,7 +469,7 @@ def scan_traces(path: Path) -> Existing:
         existing.completion_tokens += int(row.get("completion_tokens") or 0)
         existing.finish_reasons[row.get("finish_reason") or "unknown"] += 1
         existing.engine_version = row.get("engine_version") or existing.engine_version
-        reference = row.get("top_logprobs")
+        reference = parse_reference(row.get("top_logprobs"), f"{path}:{number}")
         if reference:
             existing.topk_end = max(existing.topk_end, reference_end(reference))
             existing.topk_tokens += int(reference["tokens"])
