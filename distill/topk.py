@@ -66,12 +66,16 @@ def pack(token_ids: Sequence[int], top: Sequence[tuple[Sequence[int], Sequence[f
 
     if len(top) != len(token_ids):
         raise ValueError(f"{len(top)} top-k rows for {len(token_ids)} generated tokens")
-    ids = np.zeros((len(top), k), dtype="<i4")
-    logprobs = np.full((len(top), k), -np.inf, dtype="<f2")
-    for row, (row_ids, row_logprobs) in enumerate(top):
-        width = min(k, len(row_ids))
-        ids[row, :width] = row_ids[:width]
-        logprobs[row, :width] = row_logprobs[:width]
+    if all(len(row_ids) == k for row_ids, _ in top):  # the usual case: one conversion, no Python loop over rows
+        ids = np.asarray([row_ids for row_ids, _ in top], dtype="<i4").reshape(len(top), k)
+        logprobs = np.asarray([row_logprobs for _, row_logprobs in top], dtype="<f2").reshape(len(top), k)
+    else:
+        ids = np.zeros((len(top), k), dtype="<i4")
+        logprobs = np.full((len(top), k), -np.inf, dtype="<f2")
+        for row, (row_ids, row_logprobs) in enumerate(top):
+            width = min(k, len(row_ids))
+            ids[row, :width] = row_ids[:width]
+            logprobs[row, :width] = row_logprobs[:width]
     return np.asarray(token_ids, dtype="<i4").tobytes() + ids.tobytes() + logprobs.tobytes()
 
 
