@@ -412,7 +412,46 @@ def test_kd_alpha_zero_is_plain_sft_and_bad_kd_data_is_refused(generated, run_cl
     # kd_alpha > 0 on data without top-k, and a student whose tokenizer differs from the teacher's.
     code, _, stderr = run_cli("train", "--data", str(stripped), "--out", str(tmp_path / "none"), *common, "kd_alpha=0.5")
     assert code == 2 and "no row carries the teacher's top-k" in stderr and "kd_alpha=0" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "none").exists(), "a refused run leaves no run directory"
     code, _, stderr = run_cli("train", "--data", str(traces), "--out", str(tmp_path / "other"), "--student", str(tiny_qwen),
                               *common[2:], "kd_alpha=0.5")  # fmt: skip
     assert code == 2 and f"{traces}:" in stderr and "tokenizer or chat template differs from the teacher's" in stderr, stderr
     assert "Traceback" not in stderr
+
+
+def test_alignment_on_the_real_qwen_tokenizer_and_misaligned_rows_are_counted(shared_data, tmp_path):
+    """The teacher's ids as a Qwen-family teacher samples them (after the `<think>\\n` prefill,
+    up to <|im_end|>) are found in the student's tokenization; rows that are not are counted,
+    and only a dataset where none aligns is refused."""
+    from transformers import AutoTokenizer
+
+    from distill.students.chat import resolve_template
+    from distill.students.data import Conversation, align_topk, encode, encode_dataset, kd_refusal
+    from distill.topk import SidecarWriter, pack
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "qwen2.5-instruct")
+    template = resolve_template("chatml-think", tokenizer)
+    generated = "Okay, 17 + 25: 7 + 5 = 12, carry 1; 1 + 2 + 1 = 4.\n</think>\n\nSo the sum is \\boxed{42}."
+    messages = [{"role": "user", "content": "What is 17 + 25?"}, {"role": "assistant", "content": "<think>\n" + generated}]
+    sampled = tokenizer(generated + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    example = encode(messages, tokenizer, template)
+    start, count = align_topk(example, np.asarray(sampled))
+    assert count == len(sampled) and tokenizer.decode(example.input_ids[start:]).startswith(generated)
+
+    # One row whose sampled ids re-encode differently (a non-canonical split of its first word) among aligned ones.
+    split = tokenizer("Ok", add_special_tokens=False)["input_ids"] + tokenizer("ay", add_special_tokens=False)["input_ids"]
+    odd = split + sampled[1:]
+    assert tokenizer.decode(odd) == tokenizer.decode(sampled) and odd != sampled
+    path = tmp_path / "traces.topk.bin"
+    writer = SidecarWriter(path)
+    blocks = [pack(ids, [([t, 0], [-0.1, -2.5]) for t in ids], k=2) for ids in (sampled, odd)]
+    offsets = writer.append(blocks)
+    writer.close()
+    refs = [{"file": str(path), "offset": o, "tokens": len(ids), "k": 2} for o, ids in zip(offsets, (sampled, odd))]
+    rows = [Conversation(messages, "a.jsonl:1", refs[0]), Conversation(messages, "a.jsonl:2", refs[1])]
+    dataset = encode_dataset(rows, tokenizer, template, 4096, progress=False, kd=True)
+    assert (dataset.kd_rows, dataset.kd_misaligned) == (2, 1) and dataset.kd_first_misaligned.startswith("a.jsonl:2")
+    assert dataset.examples[0].kd.count == len(sampled) and dataset.examples[1].kd is None
+    assert kd_refusal(dataset, "student") is None
+    only_odd = encode_dataset(rows[1:], tokenizer, template, 4096, progress=False, kd=True)
+    assert "a.jsonl:2" in kd_refusal(only_odd, "student")
