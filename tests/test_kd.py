@@ -110,8 +110,8 @@ def _examples(vocab: int, seed: int = 0):
 
 
 def test_chunked_kd_equals_full_logits_and_packing_equals_padding(tiny_qwen):
-    """The chunked, checkpointed CE + KD has the values and gradients of the same sums over full
-    (T, V) logits; packed and padded micro-batches give the same numbers."""
+    """The chunked CE + KD (fused: gradients in the forward; and checkpointed) has the values and
+    gradients of the same sums over full (T, V) logits; packed and padded micro-batches agree."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -135,14 +135,17 @@ def test_chunked_kd_equals_full_logits_and_packing_equals_padding(tiny_qwen):
     for packing in (True, False):
         batch = _kd_batch_for(examples, packing)
         assert len(batch.kd.positions) == 4 + 3
-        for name, chunk in (("full", None), ("chunked", 2)):
+        for name, fused in (("full", None), ("fused", "auto"), ("checkpointed", "chunked")):
             model.zero_grad()
-            if chunk is None:
+            if fused is None:
                 value = full_logits(batch)
+                (value[0] * 0.3 + value[1] * 0.7).backward()
             else:
-                value = Scorer(model, chunk_tokens=chunk)(batch.input_ids, batch.position_ids, batch.targets, batch.attention_mask,
-                                                          reduction="sum", kd=batch.kd, kd_temperature=temperature)  # fmt: skip
-            (value[0] * 0.3 + value[1] * 0.7).backward()
+                loss, *sums = Scorer(model, chunk_tokens=2, fused=fused)(batch.input_ids, batch.position_ids, batch.targets, batch.attention_mask,
+                                                                          reduction="sum", kd=batch.kd, kd_temperature=temperature, kd_weights=(0.3, 0.7))  # fmt: skip
+                loss.backward()
+                value = torch.stack(sums)
+                assert loss.item() == pytest.approx(0.3 * sums[0].item() + 0.7 * sums[1].item(), rel=1e-6)
             results[(packing, name)] = (value.detach(), model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
     reference = results[(True, "full")]
     for key, (value, head_grad, layer_grad) in results.items():
@@ -348,7 +351,7 @@ def _mean_kd(model_dir: Path, dataset, temperature: float = 1.0) -> float:
     with torch.no_grad():
         for example in dataset.examples:
             batch = collate([example], True, pad_id=0)
-            total += float(scorer(batch.input_ids, batch.position_ids, batch.targets, None, reduction="sum", kd=batch.kd, kd_temperature=temperature)[1])
+            total += float(scorer(batch.input_ids, batch.position_ids, batch.targets, None, reduction="sum", kd=batch.kd, kd_temperature=temperature)[2])
             count += len(batch.kd.positions)
     return total / count
 

@@ -328,12 +328,12 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
             mask = batch.attention_mask.to(dist.device) if batch.attention_mask is not None else None
             if kd_on and batch.kd is not None:
                 # Logit distillation: (1 - a) * mean CE + a * mean KD, each over the global batch.
+                weights = ((1 - cfg.kd_alpha) * dist.world / global_trained, cfg.kd_alpha * dist.world / global_kd)
                 with dist.autocast():
-                    both = scorer(batch.input_ids.to(dist.device), batch.position_ids.to(dist.device), batch.targets.to(dist.device), mask,
-                                  reduction="sum", kd=batch.kd.to(dist.device), kd_temperature=cfg.kd_temperature)  # fmt: skip
-                nll, kd = both[0], both[1]
-                ((nll * ((1 - cfg.kd_alpha) / global_trained) + kd * (cfg.kd_alpha / global_kd)) * dist.world).backward()
-                local_kd += kd.detach().double()
+                    loss_kd, nll, kd = scorer(batch.input_ids.to(dist.device), batch.position_ids.to(dist.device), batch.targets.to(dist.device), mask,
+                                              reduction="sum", kd=batch.kd.to(dist.device), kd_temperature=cfg.kd_temperature, kd_weights=weights)  # fmt: skip
+                loss_kd.backward()
+                local_kd += kd.double()
             else:
                 with dist.autocast():
                     nll = scorer(batch.input_ids.to(dist.device), batch.position_ids.to(dist.device), batch.targets.to(dist.device), mask, reduction="sum")
