@@ -110,7 +110,7 @@ def main() -> None:
             f"CE + KD (what `distill train kd_alpha>0` runs) takes {ratio:.2f}x the CPU time of CE alone: the same three vocabulary "
             "matmuls per token, plus a tempered softmax over the vocabulary at every position with top-k (here all of them). The "
             f"checkpointed form recomputes each chunk's logits in the backward ({results['ce+kd checkpointed']['cpu_seconds'] / results['ce']['cpu_seconds']:.2f}x). "
-            f"None materialises the (T, V) logits ({args.tokens * args.vocab * 4 / 2**30:.2f} GiB in fp32 here, 20 GiB for one 32k-token sequence). "
+            f"None materialises the (T, V) logits ({args.tokens * args.vocab * 4 / 2**30:.2f} GiB in fp32 here, about 20 GB for one 32k-token sequence). "
             f"Ratios are by CPU time: wall time was {results['ce']['seconds'] / results['ce']['cpu_seconds']:.0f}x the CPU time, the cores being held by other jobs.",
             "",
         ])  # fmt: skip
