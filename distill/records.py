@@ -48,6 +48,9 @@ class TraceRecord:
     sampling: dict[str, Any] | None = None  # temperature, top_p, max_tokens, n, ...
     seed: int | None = None  # the seed of this very sample
     created_at: str | None = None  # ISO 8601, UTC
+    # The teacher's top-k log-probs of each generated token (`generate top_logprobs=k`): a
+    # reference {file, offset, tokens, k} into a binary sidecar (distill/topk.py); None without.
+    top_logprobs: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # fields of the source row we do not model
 
@@ -63,6 +66,8 @@ class TraceRecord:
         data = {"id": self.id, **dataclasses.asdict(self)}
         if not data["extra"]:
             del data["extra"]
+        if data["top_logprobs"] is None:  # records without top-k are as they always were
+            del data["top_logprobs"]
         return data
 
     def messages(self) -> list[dict[str, str]]:
@@ -141,11 +146,16 @@ def read_traces(path: str | Path, on_bad_row: OnBadRow = "error") -> ReadResult:
 def iter_traces(path: str | Path, on_bad_row: OnBadRow = "error", skipped: list[str] | None = None) -> Iterator[TraceRecord]:
     """The trace records under `path`, streamed (a few batches of rows in memory at a time). With
     on_bad_row="skip" a bad row is appended to `skipped` ("file:line: why") and passed over."""
+    from distill.topk import resolve_reference
+
     skipped = skipped if skipped is not None else []
     for file in trace_files(path):
         for where, row in _rows(file, on_bad_row, skipped):
             try:
-                yield record_from_row(row, where)
+                record = record_from_row(row, where)
+                # A sidecar named relative to its trace file is found beside it, wherever the reader runs.
+                record.top_logprobs = resolve_reference(record.top_logprobs, file.parent)
+                yield record
             except InputError as error:
                 if on_bad_row == "skip":
                     skipped.append(str(error))
@@ -177,6 +187,10 @@ def record_from_row(row: dict[str, Any], where: str) -> TraceRecord:
     for name in ("prompt", "sampling"):
         if isinstance(known.get(name), str):  # Parquet export stores these as JSON text
             known[name] = json.loads(known[name])
+    if known.get("top_logprobs") is not None:
+        from distill.topk import parse_reference
+
+        known["top_logprobs"] = parse_reference(known["top_logprobs"], where)
     extra = {k: v for k, v in row.items() if k not in _FIELDS and k not in ("id", "messages")}
     extra.update(known.pop("extra", None) or {})
     return TraceRecord(
@@ -381,6 +395,7 @@ def _record_schema() -> list[tuple[str, Any]]:
         ("answer", text), ("completion", text), ("source", text), ("prompt", text), ("finish_reason", text),
         ("prompt_tokens", integer), ("completion_tokens", integer), ("teacher", text), ("engine", text),
         ("engine_version", text), ("sampling", text), ("seed", integer), ("created_at", text), ("schema", integer),
+        ("top_logprobs", text),
     ]  # fmt: skip
 
 
@@ -393,6 +408,7 @@ def _record_columns(records: Sequence[TraceRecord]) -> dict[str, Any]:
         "messages": [r.messages() for r in records],
         "prompt": [json.dumps(r.prompt) if r.prompt is not None else None for r in records],
         "sampling": [json.dumps(r.sampling) if r.sampling is not None else None for r in records],
+        "top_logprobs": [json.dumps(r.top_logprobs) if r.top_logprobs is not None else None for r in records],
     }
     for name in types:
         if name not in values:

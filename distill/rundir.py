@@ -56,7 +56,7 @@ class RunDir:
         config_path = self.path / CONFIG_FILE
         self.resumed = config_path.exists()
         if self.resumed and locked:
-            check_locked(config_path, to_dict(config), locked)
+            check_locked(config_path, to_dict(config), locked, field_defaults(config))
         save_config(config, config_path, sources)
         self.log = _file_logger(stage, self.path / f"{stage}.log")
         self.started = time.time()
@@ -241,11 +241,15 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
-def check_locked(config_path: Path, new: Mapping[str, Any], locked: Sequence[str]) -> None:
+def check_locked(config_path: Path, new: Mapping[str, Any], locked: Sequence[str], defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse a change of any `locked` key against config.yaml. A top-level key the saved config
+    lacks (a setting newer than the run directory) counts as its default from `defaults`."""
     old = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     changed = []
     for key in locked:
         before, after = _get(old, key), _get(new, key)
+        if defaults is not None and key in defaults and key not in old:
+            before = defaults[key]
         if before != after:
             changed.append(f"{key}: {before!r} -> {after!r}")
     if changed:
@@ -253,6 +257,13 @@ def check_locked(config_path: Path, new: Mapping[str, Any], locked: Sequence[str
             f"{config_path.parent}: this run directory was made with other settings ({'; '.join(changed)}); "
             "use a new --out directory, or the original settings to resume"
         )
+
+
+def field_defaults(config: Any) -> dict[str, Any]:
+    """The plain defaults of a config dataclass's top-level fields."""
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
 
 
 def _get(data: Mapping[str, Any], dotted: str) -> Any:

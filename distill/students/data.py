@@ -33,6 +33,15 @@ With packing off, a micro-batch is `micro_batch_size` sequences padded to the lo
 Every rank computes the same plan from the lengths alone, so every rank knows the global
 number of trained tokens of a step without communicating, and all ranks run the same number of
 micro-batches (a rank with fewer runs empty ones: FSDP's collectives must match).
+
+The teacher's top-k (logit distillation, `distill train kd_alpha=...`): a row whose trace kept
+them (`top_logprobs`, a reference into generate's sidecar, distill/topk.py) is aligned here, once,
+when it is tokenized (`align_topk`): the teacher's sampled completion ids are located inside the
+tokenized assistant turn (after the prefill the template gives), so token `start + j` of the
+sequence is the teacher's sampled token j and its top-k train the logits at position
+`start + j - 1`. A row whose ids are not found there is trained on cross-entropy alone and
+counted; when no row is found, the student's tokenizer or template differs from the teacher's
+and training refuses (`kd_refusal`).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import numpy as np
 
 from distill.errors import ConfigError, InputError
 from distill.records import iter_jsonl, record_from_row
+from distill.topk import TopKReader, parse_reference, resolve_reference
 
 IGNORE = -100  # target of a position that is not trained on
 _SENTINEL = "\ue000distill-assistant-{}\ue001"  # private-use characters: no template touches them
@@ -61,6 +71,7 @@ _SENTINEL_RE = re.compile("\ue000distill-assistant-(\\d+)\ue001")
 class Conversation:
     messages: list[dict[str, str]]
     where: str  # "file:line" or "file:row N", for error messages
+    topk: dict[str, Any] | None = None  # the teacher's top-k of the last assistant turn: a sidecar reference (distill/topk.py)
 
 
 def read_conversations(source: str | Path, split: str = "train", on_bad_row: str = "error") -> tuple[list[Conversation], list[str]]:
@@ -75,6 +86,7 @@ def iter_conversations(source: str | Path, split: str = "train", on_bad_row: str
     name. Bad rows raise InputError naming file and row, or with on_bad_row="skip" are appended
     to `skipped` and passed over."""
     path = Path(source)
+    folder = path.parent if path.is_file() else path
     if path.is_dir():
         candidate = path / "accepted.parquet"
         if not candidate.is_file():
@@ -88,7 +100,8 @@ def iter_conversations(source: str | Path, split: str = "train", on_bad_row: str
         raise InputError(f"{source}: data not found; pass a Parquet/JSONL file, a `distill filter` run directory, or a hub dataset name")
     for where, row in rows:
         try:
-            yield Conversation(row_messages(row, where), where)
+            reference = parse_reference(row.get("top_logprobs"), where)
+            yield Conversation(row_messages(row, where), where, resolve_reference(reference, folder))
         except InputError as error:
             if on_bad_row == "skip":
                 if skipped is not None:
@@ -221,10 +234,23 @@ def _render(tokenizer, template, messages: list[dict[str, str]], generation_prom
 
 
 @dataclass
+class KDTarget:
+    """The teacher's top-k of one sequence: input_ids[start + j] is the teacher's sampled token j
+    (j < count); its k candidates and their log-probs (temperature 1) are ids[j], logprobs[j]."""
+
+    start: int
+    count: int
+    ids: np.ndarray  # (count, k) int32
+    logprobs: np.ndarray  # (count, k) float16
+
+
+@dataclass
 class Encoded:
     input_ids: np.ndarray  # (T,) int32
     loss_mask: np.ndarray  # (T,) bool: True where the token is trained on (predicted from t-1)
     where: str = ""
+    kd: KDTarget | None = None  # with kd on and a row that kept the teacher's top-k
+    topk: dict[str, Any] | None = None  # the reference `kd` was read from (kept by the cache)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -259,6 +285,9 @@ class EncodedDataset:
     dropped_untrained: int = 0  # nothing left to train on after truncation
     skipped_rows: list[str] = field(default_factory=list)
     notes: RenderNotes = field(default_factory=RenderNotes)
+    kd_rows: int = 0  # rows that carry the teacher's top-k (counted with kd on)
+    kd_misaligned: int = 0  # ... whose completion ids are not in their tokenized assistant turn
+    kd_first_misaligned: str = ""  # where the first of those is, for the message
 
     @property
     def tokens(self) -> int:
@@ -269,17 +298,56 @@ class EncodedDataset:
         return int(sum(int(e.loss_mask.sum()) for e in self.examples))
 
 
-def encode_dataset(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str = "drop", progress: bool = True) -> EncodedDataset:
+def encode_dataset(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str = "drop", progress: bool = True,
+                   kd: bool = False) -> EncodedDataset:  # fmt: skip
     """Encode every conversation (a stream: only token ids are kept); sequences over `max_len`
     tokens are dropped or truncated (`too_long`), and counted either way. In memory; `distill
-    train` writes the same examples to a memory-mapped cache instead (`tokenize_to_cache`)."""
+    train` writes the same examples to a memory-mapped cache instead (`tokenize_to_cache`).
+    kd=True: rows with the teacher's top-k get `Encoded.kd` (align_topk)."""
     result = EncodedDataset(examples=[], rows=0)
-    result.examples.extend(_encode_stream(conversations, tokenizer, template, max_len, too_long, result, progress))
+    result.examples.extend(_encode_stream(conversations, tokenizer, template, max_len, too_long, result, progress, TopKReader() if kd else None))
     return result
 
 
-def _encode_stream(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str, result: EncodedDataset, progress: bool) -> Iterator[Encoded]:
-    """The examples to train on, one at a time; `result` counts rows, drops and truncations."""
+def align_topk(example: Encoded, sampled: np.ndarray) -> tuple[int, int] | None:
+    """(start, count) with input_ids[start : start + count] == sampled[:count], all trained tokens:
+    where the teacher's sampled completion sits in the tokenized conversation, found by search
+    from the first trained token (a template without the teacher's `<think>` prefill trains it as
+    content, so the completion starts a few tokens later). count is len(sampled), or one less when
+    the last sampled token (the teacher's stop token) is not in the text, so the template wrote
+    its own end of turn. None when the ids are not there (another tokenizer, or a sampled
+    tokenization that re-encoding the text does not reproduce)."""
+    ids, mask = example.input_ids, example.loss_mask
+    trained = np.flatnonzero(mask)
+    if not len(sampled) or not len(trained):
+        return None
+    first = int(trained[0])
+    for count in (len(sampled), len(sampled) - 1):
+        if count < 1:
+            break
+        head = np.asarray(sampled[:count], dtype=ids.dtype)
+        for start in np.flatnonzero(ids[first : len(ids) - count + 1] == head[0]) + first:
+            if np.array_equal(ids[start : start + count], head) and mask[start : start + count].all():
+                return int(start), count
+    return None
+
+
+def kd_refusal(result: EncodedDataset, tokenizer_name: str) -> str | None:
+    """The one-line refusal when top-k rows exist but none aligns (the student tokenizes the
+    teacher's text differently), else None."""
+    if result.kd_rows and result.kd_misaligned == result.kd_rows:
+        return (
+            f"{result.kd_first_misaligned}: the teacher's completion token ids (from its top-k sidecar) are not in the student's "
+            f"tokenization of the assistant turn for any of the {result.kd_rows} rows with top-k: {tokenizer_name}'s tokenizer or chat "
+            "template differs from the teacher's. Use a student that shares the teacher's tokenizer, or kd_alpha=0"
+        )
+    return None
+
+
+def _encode_stream(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str, result: EncodedDataset, progress: bool,
+                   topk: TopKReader | None = None) -> Iterator[Encoded]:  # fmt: skip
+    """The examples to train on, one at a time; `result` counts rows, drops and truncations.
+    With a `topk` reader, rows that kept the teacher's top-k are aligned (align_topk)."""
     from itertools import islice
 
     from tqdm.auto import tqdm
@@ -291,11 +359,17 @@ def _encode_stream(conversations: Iterable[Conversation], tokenizer, template, m
         rendered = [render_segments(c.messages, tokenizer, template, result.notes) for c in chunk]
         for conversation, example in zip(chunk, tokenize_segments(rendered, tokenizer)):
             example.where = conversation.where
+            if topk is not None and conversation.topk is not None:
+                _attach_topk(example, conversation.topk, topk, result)
             if len(example) > max_len:
                 if too_long == "drop":
                     result.dropped_too_long += 1
                     continue
-                example = Encoded(example.input_ids[:max_len], example.loss_mask[:max_len], example.where)
+                kd = example.kd
+                if kd is not None:  # keep the positions that are still in the sequence
+                    count = min(kd.count, max_len - kd.start)
+                    kd = KDTarget(kd.start, count, kd.ids[:count], kd.logprobs[:count]) if count > 0 else None
+                example = Encoded(example.input_ids[:max_len], example.loss_mask[:max_len], example.where, kd, example.topk if kd else None)
                 result.truncated += 1
             # Position 0 is never predicted; a sequence needs a trained token after it.
             if not example.loss_mask[1:].any():
@@ -304,6 +378,19 @@ def _encode_stream(conversations: Iterable[Conversation], tokenizer, template, m
             yield example
         bar.update(len(chunk))
     bar.close()
+
+
+def _attach_topk(example: Encoded, reference: dict[str, Any], reader: TopKReader, result: EncodedDataset) -> None:
+    block = reader.read(reference, example.where)
+    result.kd_rows += 1
+    found = align_topk(example, block.sampled)
+    if found is None:
+        result.kd_misaligned += 1
+        result.kd_first_misaligned = result.kd_first_misaligned or f"{example.where} (top-k in {reference['file']})"
+        return
+    start, count = found
+    example.kd = KDTarget(start, count, block.ids[:count], block.logprobs[:count])
+    example.topk = reference
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,8 +404,11 @@ class TokenizedData:
     resume reads the same files, and pages of token ids are loaded only when a batch needs them.
     Files: input_ids.bin (int32) and loss_mask.bin (bool), every example end to end;
     offsets.npy ((N+1,) int64); trained.npy ((N,) int64, trained targets per example);
-    meta.json (rows read, drops, truncations, skipped rows, render notes). Indexing gives Encoded
-    views; `examples` is the object itself (the EncodedDataset interface)."""
+    meta.json (rows read, drops, truncations, skipped rows, render notes). With kd on, also
+    kd.npy ((N, 6) int64: sidecar index, offset, tokens, k, start, count; -1 = no top-k) and
+    kd_files.json (the sidecars): each example's teacher top-k, read by memory map when a batch
+    needs them. Indexing gives Encoded views; `examples` is the object itself (the
+    EncodedDataset interface)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -336,6 +426,18 @@ class TokenizedData:
         self.notes = RenderNotes(**meta["notes"])
         self.tokens: int = total
         self.trained_tokens: int = meta["mask_sum"]
+        self.kd_rows: int = meta.get("kd_rows", 0)
+        self.kd_misaligned: int = meta.get("kd_misaligned", 0)
+        self.kd_first_misaligned: str = meta.get("kd_first_misaligned", "")
+        has_kd = (self.folder / "kd.npy").is_file()
+        self.kd = np.load(self.folder / "kd.npy") if has_kd else None  # (N, 6)
+        self.kd_files: list[str] = json.loads((self.folder / "kd_files.json").read_text(encoding="utf-8")) if has_kd else []
+        self._topk = TopKReader()
+
+    @property
+    def kd_counts(self) -> np.ndarray:
+        """(N,) positions with the teacher's top-k per example (0 without)."""
+        return np.zeros(len(self), np.int64) if self.kd is None else np.where(self.kd[:, 0] >= 0, self.kd[:, 5], 0)
 
     @property
     def examples(self) -> "TokenizedData":
@@ -350,7 +452,12 @@ class TokenizedData:
 
     def __getitem__(self, index: int) -> Encoded:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        return Encoded(self.input_ids[start:end], self.loss_mask[start:end])
+        example = Encoded(self.input_ids[start:end], self.loss_mask[start:end])
+        if self.kd is not None and self.kd[index, 0] >= 0:
+            file, offset, tokens, k, kd_start, count = (int(v) for v in self.kd[index])
+            block = self._topk.read({"file": self.kd_files[file], "offset": offset, "tokens": tokens, "k": k})
+            example.kd = KDTarget(kd_start, count, block.ids[:count], block.logprobs[:count])
+        return example
 
     def __iter__(self) -> Iterator[Encoded]:
         return (self[i] for i in range(len(self)))
@@ -386,9 +493,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenize_to_cache(conversations: Iterable[Conversation], tokenizer, template, max_len: int, too_long: str, folder: str | Path,
-                      skipped: list[str] | None = None, progress: bool = True) -> TokenizedData:  # fmt: skip
+                      skipped: list[str] | None = None, progress: bool = True, kd: bool = False) -> TokenizedData:  # fmt: skip
     """Encode a stream of conversations straight into the files of a TokenizedData (nothing but
-    one chunk is held in memory), written into FOLDER.partial and renamed when complete."""
+    one chunk is held in memory), written into FOLDER.partial and renamed when complete. kd=True:
+    the teacher's top-k of each row are aligned and referenced (kd.npy)."""
     import shutil
 
     folder = Path(folder)
@@ -397,8 +505,14 @@ def tokenize_to_cache(conversations: Iterable[Conversation], tokenizer, template
     partial.mkdir(parents=True)
     counts = EncodedDataset(examples=[], rows=0)
     offsets, trained, mask_sum = [0], [], 0
+    kd_rows: list[tuple[int, ...]] = []
+    kd_files: dict[str, int] = {}
     with (partial / "input_ids.bin").open("wb") as ids_file, (partial / "loss_mask.bin").open("wb") as mask_file:
-        for example in _encode_stream(conversations, tokenizer, template, max_len, too_long, counts, progress):
+        for example in _encode_stream(conversations, tokenizer, template, max_len, too_long, counts, progress, TopKReader() if kd else None):
+            if kd:
+                ref = example.topk
+                kd_rows.append((-1, 0, 0, 0, 0, 0) if example.kd is None or ref is None else
+                               (kd_files.setdefault(ref["file"], len(kd_files)), ref["offset"], ref["tokens"], ref["k"], example.kd.start, example.kd.count))
             ids_file.write(np.ascontiguousarray(example.input_ids, dtype=np.int32).tobytes())
             mask_file.write(np.ascontiguousarray(example.loss_mask, dtype=np.bool_).tobytes())
             offsets.append(offsets[-1] + len(example))
@@ -406,10 +520,14 @@ def tokenize_to_cache(conversations: Iterable[Conversation], tokenizer, template
             mask_sum += int(example.loss_mask.sum())
     np.save(partial / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     np.save(partial / "trained.npy", np.asarray(trained, dtype=np.int64))
+    if kd:
+        np.save(partial / "kd.npy", np.asarray(kd_rows, dtype=np.int64).reshape(-1, 6))
+        (partial / "kd_files.json").write_text(json.dumps(list(kd_files)), encoding="utf-8")
     meta = {
         "rows": counts.rows, "dropped_too_long": counts.dropped_too_long, "truncated": counts.truncated,
         "dropped_untrained": counts.dropped_untrained, "skipped_rows": list(skipped or []),
         "notes": {"prefill_missing": counts.notes.prefill_missing, "prefill": counts.notes.prefill}, "mask_sum": mask_sum,
+        "kd_rows": counts.kd_rows, "kd_misaligned": counts.kd_misaligned, "kd_first_misaligned": counts.kd_first_misaligned,
     }  # fmt: skip
     (partial / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
@@ -494,6 +612,44 @@ class Batch:
     trained: int  # trained target tokens
     padded: int  # padding tokens
     attention_pairs: int  # sum of L^2 over sequences (for attention FLOPs)
+    kd: "KDBatch | None" = None  # the teacher's top-k of the positions that have them
+
+
+@dataclass
+class KDBatch:
+    """The teacher's top-k for a micro-batch: at flat position positions[m] of the (B, T) batch
+    (row * T + t) the logits predict a token whose teacher top-k are ids[m] with log-probs
+    logprobs[m] (temperature 1; -inf pads sequences with a smaller k)."""
+
+    positions: Any  # (M,) long
+    ids: Any  # (M, K) long
+    logprobs: Any  # (M, K) float32
+
+    def to(self, device) -> "KDBatch":
+        return KDBatch(self.positions.to(device), self.ids.to(device), self.logprobs.to(device))
+
+
+def _kd_batch(examples: Sequence[Encoded], starts: Sequence[int]) -> KDBatch | None:
+    """KDBatch of the examples with top-k; `starts` is each example's flat index of its token 0."""
+    import torch
+
+    chosen = [(e.kd, base) for e, base in zip(examples, starts) if e.kd is not None and e.kd.count > 0]
+    if not chosen:
+        return None
+    width = max(kd.ids.shape[1] for kd, _ in chosen)
+    count = sum(kd.count for kd, _ in chosen)
+    ids = np.zeros((count, width), np.int64)
+    logprobs = np.full((count, width), -np.inf, np.float32)
+    positions = np.empty(count, np.int64)
+    row = 0
+    for kd, base in chosen:
+        k = kd.ids.shape[1]
+        ids[row : row + kd.count, :k] = kd.ids
+        logprobs[row : row + kd.count, :k] = kd.logprobs
+        # Token start + j is predicted by the logits at start + j - 1.
+        positions[row : row + kd.count] = base + kd.start - 1 + np.arange(kd.count)
+        row += kd.count
+    return KDBatch(torch.from_numpy(positions), torch.from_numpy(ids), torch.from_numpy(logprobs))
 
 
 def collate(examples: Sequence[Encoded], packing: bool, pad_id: int):
@@ -510,7 +666,9 @@ def collate(examples: Sequence[Encoded], packing: bool, pad_id: int):
     if packing:
         input_ids = torch.from_numpy(np.concatenate([e.input_ids for e in examples]).astype(np.int64))[None]
         positions = torch.from_numpy(np.concatenate([np.arange(len(e)) for e in examples]))[None]
-        return Batch(input_ids, positions, torch.from_numpy(np.concatenate(targets))[None], None, input_ids.shape[1], trained, 0, pairs)
+        starts = np.concatenate([[0], np.cumsum([len(e) for e in examples])[:-1]])
+        return Batch(input_ids, positions, torch.from_numpy(np.concatenate(targets))[None], None, input_ids.shape[1], trained, 0, pairs,
+                     _kd_batch(examples, starts.tolist()))  # fmt: skip
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     target_rows = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -521,4 +679,5 @@ def collate(examples: Sequence[Encoded], packing: bool, pad_id: int):
         mask[row, : len(example)] = 1
     positions = torch.arange(width).expand(len(examples), width).clone()
     real = int(mask.sum())
-    return Batch(input_ids, positions, target_rows, mask, real, trained, input_ids.numel() - real, pairs)
+    starts = [row * width for row in range(len(examples))]
+    return Batch(input_ids, positions, target_rows, mask, real, trained, input_ids.numel() - real, pairs, _kd_batch(examples, starts))

@@ -13,6 +13,14 @@ per step) and metrics.json. The loop below is the whole algorithm; the choices i
   loss divided by the global token count, on every rank, so one step of 8 sequences and four
   accumulated steps of 2 give the same gradient (not a mean of per-micro-batch means, which
   over-weights short sequences).
+- Logit distillation (off by default: kd_alpha=0): with the teacher's top-k log-probs kept by
+  `distill generate top_logprobs=k`, loss = (1 - kd_alpha) * CE + kd_alpha * KD, where KD is the
+  forward KL from the teacher's top-k (renormalised at kd_temperature T) to the student's
+  full-vocabulary softmax at T, times T^2 (students/logprobs.py `topk_forward_kl`), averaged over
+  the global batch's positions that have top-k as CE is over its trained tokens. The top-k are
+  aligned to the re-tokenized conversation once, when the data is tokenized (students/data.py
+  `align_topk`); a student whose tokenizer or template does not reproduce the teacher's ids is
+  refused. With kd_alpha=0 none of this runs: the loss is the cross-entropy path above.
 - Batch: `global_batch` sequences per optimizer step (open-r1's 128). Each rank packs its share
   into micro-batches of at most `micro_batch_tokens` tokens (padding-free), so the number of
   accumulation steps follows from the data rather than being set by hand.
@@ -99,6 +107,9 @@ class TrainConfig:
     check_memory: bool = True  # refuse a plan whose estimated memory exceeds the device's, before loading
     loss_chunk_tokens: int = 1024  # positions per LM-head chunk in the chunked loss
     fused_loss: Literal["auto", "liger", "chunked"] = "auto"
+    # logit distillation on the teacher's top-k (generate top_logprobs=k); docs/train.md says why these defaults
+    kd_alpha: float = 0.0  # loss = (1 - kd_alpha) * CE + kd_alpha * KD; 0 = plain SFT (DistillKit uses 0.5)
+    kd_temperature: float = 1.0  # T of the KD term (student and teacher softmax at T, scaled by T^2)
     # LoRA / QLoRA (peft)
     lora: bool = False
     lora_r: int = 16
@@ -128,12 +139,15 @@ class TrainConfig:
             raise ValueError("lr must be positive and grad_clip non-negative")
         if self.quantize != "none" and not self.lora:
             raise ValueError("quantize=4bit is QLoRA: set lora=true too")
+        if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
+            raise ValueError(f"kd_alpha must be in [0, 1] and kd_temperature positive, got {self.kd_alpha} and {self.kd_temperature}")
 
 
 # Settings that define a run's trajectory: a resumed run must keep them.
 LOCKED = (
     "student", "data", "chat_template", "max_seq_len", "too_long", "epochs", "max_steps", "global_batch", "lr", "schedule",
     "warmup_ratio", "min_lr_ratio", "weight_decay", "seed", "lora", "lora_r", "lora_alpha", "lora_targets", "quantize",
+    "kd_alpha", "kd_temperature",
 )  # fmt: skip
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12, "L40S": 362e12}
@@ -182,8 +196,9 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
 
     # ---- cheap checks first: the data is there and its first row is a conversation, before any
     # model is looked for (a missing file is reported as such, not as an unreachable hub) ------
-    next(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, []), None)
+    first_row = next(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, []), None)
     student_model_id(cfg.student)
+    kd_on = cfg.kd_alpha > 0
 
     # ---- run directory (rank 0 writes; every rank reads the same inputs) --------------------
     run_dir, problem = None, None
@@ -220,6 +235,16 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         raise InputError(f"{cfg.data}: no training rows{f' ({len(skipped)} skipped as malformed)' if skipped else ''}; check the file")
     for line in _data_report(dataset, max_len, cfg.too_long):
         say(line)
+    if kd_on:
+        _check_kd(cfg, dataset, model_id)
+        say(f"logit distillation: kd_alpha {cfg.kd_alpha}, kd_temperature {cfg.kd_temperature}; "
+            f"{dataset.kd_rows - dataset.kd_misaligned} of {dataset.rows} rows carry the teacher's top-k")
+        if dataset.kd_misaligned and run_dir is not None and not run_dir.warn_dropped(
+                "kd_misaligned", dataset.kd_misaligned, dataset.kd_rows, "rows trained on cross-entropy alone: their top-k ids are not in the student's tokenization",
+                "these are sampled tokenizations that re-encoding the text does not reproduce; the first is " + dataset.kd_first_misaligned):  # fmt: skip
+            say(f"{dataset.kd_misaligned} rows with top-k trained on cross-entropy alone (first: {dataset.kd_first_misaligned})")
+    elif first_row is not None and first_row.topk is not None:
+        say("note: the data carries the teacher's top-k log-probs; kd_alpha=0.5 would distil from them as well (docs/train.md)")
     read = dataset.rows + len(skipped)
     for reason, count, what, fix in _data_drops(dataset, max_len):
         if count and run_dir is not None and not run_dir.warn_dropped(reason, count, read, what, fix):
@@ -232,6 +257,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     examples = dataset.examples
     lengths = dataset.lengths.tolist()
     trained_counts = dataset.trained.tolist()
+    kd_counts = dataset.kd_counts.tolist() if kd_on else [0] * len(lengths)  # positions with the teacher's top-k
     micro_tokens = cfg.micro_batch_tokens or max_len
     if cfg.packing and max(lengths) > micro_tokens:
         raise ConfigError(f"micro_batch_tokens={micro_tokens} is smaller than the longest sequence ({max(lengths)} tokens); raise it to at least max_seq_len={max_len}")
@@ -284,6 +310,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
     scorer.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not dist.is_main)
     history: list[float] = []
+    kd_history: list[float] = []
     tokens_per_s: list[float] = []
     for step in range(start_step, total_steps):
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -292,17 +319,28 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         chosen = order[position * cfg.global_batch : (position + 1) * cfg.global_batch].tolist()
         plan = plan_step(lengths, chosen, dist.world, cfg.packing, micro_tokens, cfg.micro_batch_size)
         global_trained = sum(trained_counts[i] for i in chosen)  # the same number on every rank
+        global_kd = sum(kd_counts[i] for i in chosen)
 
         local_nll = torch.zeros((), dtype=torch.float64, device=dist.device)
+        local_kd = torch.zeros((), dtype=torch.float64, device=dist.device)
         local = [0, 0, 0]  # tokens, padding, sum of squared sequence lengths (attention FLOPs)
         for micro in plan[dist.rank]:
             batch = collate([examples[i] for i in micro], cfg.packing, pad_id)
             mask = batch.attention_mask.to(dist.device) if batch.attention_mask is not None else None
-            with dist.autocast():
-                nll = scorer(batch.input_ids.to(dist.device), batch.position_ids.to(dist.device), batch.targets.to(dist.device), mask, reduction="sum")
-            # This micro-batch's share of the mean over the global batch's trained tokens; FSDP
-            # averages gradients over ranks, so the world size turns that average into a sum.
-            (nll * (dist.world / global_trained)).backward()
+            if kd_on and batch.kd is not None:
+                # Logit distillation: (1 - a) * mean CE + a * mean KD, each over the global batch.
+                weights = ((1 - cfg.kd_alpha) * dist.world / global_trained, cfg.kd_alpha * dist.world / global_kd)
+                with dist.autocast():
+                    loss_kd, nll, kd = scorer(batch.input_ids.to(dist.device), batch.position_ids.to(dist.device), batch.targets.to(dist.device), mask,
+                                              reduction="sum", kd=batch.kd.to(dist.device), kd_temperature=cfg.kd_temperature, kd_weights=weights)  # fmt: skip
+                loss_kd.backward()
+                local_kd += kd.double()
+            else:
+                with dist.autocast():
+                    nll = scorer(batch.input_ids.to(dist.device), batch.position_ids.to(dist.device), batch.targets.to(dist.device), mask, reduction="sum")
+                # This micro-batch's share of the mean over the global batch's trained tokens; FSDP
+                # averages gradients over ranks, so the world size turns that average into a sum.
+                (nll * ((1 - cfg.kd_alpha if kd_on else 1) * dist.world / global_trained)).backward()
             local_nll += nll.detach().double()
             local = [local[0] + batch.tokens, local[1] + batch.padded, local[2] + batch.attention_pairs]
 
@@ -315,7 +353,7 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        nll_sum, tokens, padded, pairs = dist.sum([float(local_nll), *local])
+        nll_sum, kd_sum, tokens, padded, pairs = dist.sum([float(local_nll), float(local_kd), *local])
         seconds = time.perf_counter() - started
         loss = nll_sum / global_trained
         rate = tokens / seconds
@@ -336,6 +374,11 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
             "step_time_s": seconds,
             "cpu_time_s": time.process_time() - cpu_started,  # this process, all threads: wall >> cpu means waiting
         }
+        if kd_on:
+            record["kd_loss"] = kd_sum / global_kd if global_kd else None  # mean top-k forward KL (times T^2)
+            record["kd_tokens"] = global_kd
+            if global_kd:
+                kd_history.append(record["kd_loss"])
         if skipped_step:
             record["skipped"] = "non-finite gradient norm"
             say(f"step {step + 1}: gradient norm is {grad_norm}; the update was skipped")
@@ -388,6 +431,16 @@ def _train(cfg: TrainConfig, sources: Mapping[str, str] | None, dist) -> dict[st
         "world_size": dist.world,
         "chat_template": template.name,
     }
+    if kd_on:
+        metrics["kd"] = {
+            "alpha": cfg.kd_alpha,
+            "temperature": cfg.kd_temperature,
+            "first_kd_loss": kd_history[0] if kd_history else None,  # this session's first and last step with top-k
+            "final_kd_loss": kd_history[-1] if kd_history else None,
+            "rows_with_topk": dataset.kd_rows - dataset.kd_misaligned,
+            "rows_misaligned": dataset.kd_misaligned,
+            "kd_tokens_per_epoch": int(sum(kd_counts)),
+        }
     if run_dir is not None:
         metrics["compute"] = train_block(run_dir, model)  # the ledger; the data's teacher cost is its lineage's
         run_dir.write_metrics(metrics)
@@ -653,13 +706,15 @@ def _tokenized(cfg: TrainConfig, tokenizer, template, max_len: int, dist, say):
             key = cache_key({
                 "data": data_fingerprint(cfg.data, cfg.data_split), "tokenizer": tokenizer_fingerprint(tokenizer),
                 "template": [template.source, template.end_of_turn], "max_seq_len": max_len, "too_long": cfg.too_long, "on_bad_row": cfg.on_bad_row,
+                **({"kd": True} if cfg.kd_alpha > 0 else {}),  # the teacher's top-k aligned (a cache without kd keeps its key)
             })  # fmt: skip
             folder = Path(cfg.data_cache or Path(cfg.out) / "tokenized") / key
             if (folder / "meta.json").is_file():
                 say(f"tokenized data: {folder} (built by an earlier launch: not tokenized again)")
             else:
                 skipped: list[str] = []
-                tokenize_to_cache(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped), tokenizer, template, max_len, cfg.too_long, folder, skipped)
+                tokenize_to_cache(iter_conversations(cfg.data, cfg.data_split, cfg.on_bad_row, skipped), tokenizer, template, max_len, cfg.too_long, folder, skipped,
+                                  kd=cfg.kd_alpha > 0)  # fmt: skip
                 say(f"tokenized data: {folder}")
         except (InputError, ConfigError) as error:  # every rank must stop, not wait for the cache
             problem = (isinstance(error, InputError), str(error))
@@ -667,6 +722,19 @@ def _tokenized(cfg: TrainConfig, tokenizer, template, max_len: int, dist, say):
     if problem:
         raise (InputError if problem[0] else ConfigError)(problem[1])
     return TokenizedData(folder)
+
+
+def _check_kd(cfg: TrainConfig, dataset, model_id: str) -> None:
+    """Refuse logit distillation without top-k to distil from, or with a student that does not
+    tokenize the teacher's completions as the teacher did."""
+    from distill.students.data import kd_refusal
+
+    if not dataset.kd_rows:
+        raise InputError(f"{cfg.data}: kd_alpha={cfg.kd_alpha} but no row carries the teacher's top-k log-probs ('top_logprobs'); "
+                         "generate with top_logprobs=20 (then filter), or train with kd_alpha=0")
+    refusal = kd_refusal(dataset, model_id)
+    if refusal:
+        raise InputError(refusal)
 
 
 def _data_report(dataset, max_len: int, too_long: str) -> list[str]:

@@ -28,6 +28,12 @@ Choices, and what is simplified:
   directory (or copy theirs together); `distill filter` reads every traces*.jsonl.
 - Every record carries its provenance: teacher, engine and version, sampling settings, the
   sample's seed, the prompt messages, token counts, finish reason and time.
+- `top_logprobs=k` (off by default) also keeps the teacher's k most likely tokens and their
+  log-probs at every generated position, for logit distillation (`distill train kd_alpha=...`):
+  in a binary sidecar beside each trace file (distill/topk.py: 4 + 6k bytes per token), each
+  record referencing its block. The sidecar's blocks are fsynced before the records that
+  reference them are written, and on resume it is cut back to the last referenced byte, so
+  resume after kill -9 keeps the two consistent. k is locked with the run directory.
 - Progress (stderr): samples done, problems complete, samples/s, output tokens/s, ETA.
   metrics.json: totals over the whole trace file (samples, tokens, finish reasons) and this
   run's wall time and throughput.
@@ -51,11 +57,12 @@ from distill.engines import Completion, Request, Sampling, make_engine
 from distill.errors import ConfigError, DistillError
 from distill.problems import Fields, Problem, load_problems, select_shard
 from distill.records import TraceRecord, TraceWriter, iter_jsonl, record_id, repair_tail
-from distill.rundir import CONFIG_FILE, RunDir, check_locked, write_json
+from distill.rundir import CONFIG_FILE, RunDir, check_locked, field_defaults, write_json
 from distill.teacher.prompts import R1_INSTRUCTION, RenderedPrompt, full_completion, load_chat_template, render_prompt
+from distill.topk import SidecarWriter, bytes_per_token, pack, parse_reference, reference_end, repair_sidecar, sidecar_path
 
 # Settings that define what a run directory's traces are; a resumed run must match them.
-LOCKED = ("model", "system", "instruction", "chat_template", "temperature", "top_p", "max_tokens", "stop", "seed")
+LOCKED = ("model", "system", "instruction", "chat_template", "temperature", "top_p", "max_tokens", "stop", "seed", "top_logprobs")
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class GenerateConfig:
     data_dir: Path | None = None  # local copies of presets (e.g. ../shared/data/eval)
     limit: int | None = None  # only the first N problems of the source
     on_bad_row: Literal["error", "skip"] = "error"
+    top_logprobs: int = 0  # > 0: keep the teacher's top-k log-probs of every generated token (sidecar, distill/topk.py)
     flush_every: int = 16  # records per fsync'd write
     flush_seconds: float = 5.0  # ... or this long, whichever comes first
     trust_remote_code: bool = False
@@ -135,6 +143,8 @@ class GenerateConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.flush_every < 1:
             raise ValueError(f"flush_every must be at least 1, got {self.flush_every}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0 (0 = off), got {self.top_logprobs}")
         unknown = set(self.fields) - {f.name for f in dataclasses.fields(Fields)}
         if unknown:
             raise ValueError(f"fields: unknown name(s) {', '.join(sorted(unknown))}; map problem, answer and id")
@@ -179,10 +189,13 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     # ---- resume: refuse a changed teacher / prompt / sampling, then find what is already on disk
     out = Path(cfg.out)
     if (out / CONFIG_FILE).exists():
-        check_locked(out / CONFIG_FILE, to_dict(cfg), LOCKED)
+        check_locked(out / CONFIG_FILE, to_dict(cfg), LOCKED, field_defaults(cfg))
     trace_path = out / trace_file_name(shard)
     repair_tail(trace_path)  # a line torn by kill -9 mid-write is cut off
     existing = scan_traces(trace_path)
+    topk_path = sidecar_path(trace_path)
+    if cfg.top_logprobs or topk_path.exists():
+        repair_sidecar(topk_path, existing.topk_end)  # a tail written without its records is cut off
     todo: dict[str, tuple[Problem, int]] = {}  # request key -> (problem, sample_idx), in problem order
     for problem in problems:
         for sample_idx in range(cfg.n):
@@ -213,6 +226,7 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
 
     run_dir = RunDir(out, "generate", cfg, sources, locked=LOCKED)
     writer = TraceWriter(trace_path)
+    sidecar = SidecarWriter(topk_path) if cfg.top_logprobs else None
     complete = sum(1 for p in problems if p.id not in remaining)
     run_dir.announce(
         f"distill generate: teacher {cfg.model} on {engine_name} ({engine_version}), {len(problems)} problems x n={cfg.n} from {cfg.data}"
@@ -227,7 +241,7 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
         run_dir.log.info("skipped: %s", message)
     run_dir.warn_dropped("malformed", len(loaded.skipped), len(loaded.problems) + len(loaded.skipped), "problem rows skipped as malformed (on_bad_row=skip)", "fix those rows (generate.log names the first 20)")
 
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop))
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop), top_logprobs=cfg.top_logprobs)
     requests = (
         Request(
             key=key,
@@ -249,11 +263,16 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
     # ---- generate: write each completion as it finishes
     stats = RunStats()
     buffer: list[TraceRecord] = []
+    blocks: list[bytes] = []  # top-k blocks of the buffered records, in the same order
     generation_started = last_flush = last_log = time.time()
     progress = _progress(len(todo), complete, len(problems))
 
     def flush() -> None:
         nonlocal last_flush
+        if sidecar is not None:  # the blocks reach the disk before the records that point at them
+            for record, offset in zip(buffer, sidecar.append(blocks)):
+                record.top_logprobs = {"file": topk_path.name, "offset": offset, "tokens": record.top_logprobs["tokens"], "k": cfg.top_logprobs}
+            blocks.clear()
         writer.write(buffer)
         buffer.clear()
         last_flush = time.time()
@@ -265,7 +284,12 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
             if completion.finish_reason == "error":
                 stats.errors.append(f"{completion.key}: {completion.info.get('error', 'engine error')}")
                 continue
-            buffer.append(_record(cfg, problem, sample_idx, prompt_of(problem), completion, provenance))
+            record = _record(cfg, problem, sample_idx, prompt_of(problem), completion, provenance)
+            if sidecar is not None:
+                blocks.append(_topk_block(completion, cfg.top_logprobs, engine_name))
+                record.top_logprobs = {"tokens": len(completion.token_ids)}  # the offset is known when flushed
+                stats.topk_tokens += len(completion.token_ids)
+            buffer.append(record)
             stats.add(completion)
             remaining[problem.id] -= 1
             if remaining[problem.id] == 0:
@@ -284,6 +308,8 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
         if buffer:
             flush()
         writer.close()
+        if sidecar is not None:
+            sidecar.close()
         progress.set_postfix_str(_rates(stats, time.time() - generation_started, complete, len(problems)))
         progress.close()
         if engine:
@@ -312,6 +338,15 @@ def run(cfg: GenerateConfig, sources: Mapping[str, str] | None = None) -> dict[s
         "retries": getattr(engine, "retries", 0),
         "compute": generate_block(cfg.model, totals["prompt_tokens"], totals["completion_tokens"], cfg.model_params),
     }
+    if cfg.top_logprobs or existing.topk_tokens:
+        topk_tokens = existing.topk_tokens + stats.topk_tokens
+        metrics["top_logprobs"] = {
+            "k": cfg.top_logprobs,
+            "file": topk_path.name,
+            "tokens": topk_tokens,
+            "bytes": topk_path.stat().st_size if topk_path.exists() else 0,
+            "bytes_per_token": bytes_per_token(cfg.top_logprobs),  # 4 + 6k: sampled id, k ids (int32), k log-probs (float16)
+        }
     run_dir.log_metrics(stats.snapshot(generation, complete))
     if shard is None:
         run_dir.write_metrics(metrics)
@@ -344,6 +379,17 @@ def engine_options(cfg: GenerateConfig) -> dict[str, Any]:
 # records, resume state, progress
 
 
+def _topk_block(completion: Completion, k: int, engine: str) -> bytes:
+    """The sidecar block of one completion; an engine that returned no top-k is a one-line error."""
+    if completion.top_logprobs is None or completion.token_ids is None:
+        raise DistillError(f"engine {engine} returned no top-k log-probs for {completion.key}; top_logprobs={k} needs an engine that "
+                           "returns them (hf, vllm, or a server that answers `top_logprobs`), or top_logprobs=0")
+    if len(completion.top_logprobs) != len(completion.token_ids):
+        raise DistillError(f"engine {engine} returned {len(completion.top_logprobs)} top-k rows for {len(completion.token_ids)} tokens "
+                           f"of {completion.key}; they must match one to one")
+    return pack(completion.token_ids, completion.top_logprobs, k)
+
+
 def _record(cfg: GenerateConfig, problem: Problem, sample_idx: int, rendered: RenderedPrompt,
             completion: Completion, provenance: Mapping[str, Any]) -> TraceRecord:
     return TraceRecord(
@@ -370,6 +416,7 @@ class RunStats:
     completion_tokens: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    topk_tokens: int = 0  # generated tokens whose top-k went to the sidecar
 
     def add(self, completion: Completion) -> None:
         self.samples += 1
@@ -398,6 +445,8 @@ class Existing:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
+    topk_end: int = 0  # the sidecar byte after the last block a record references
+    topk_tokens: int = 0
 
     def merged(self, stats: RunStats) -> dict[str, Any]:
         return {
@@ -425,6 +474,10 @@ def scan_traces(path: Path) -> Existing:
         existing.completion_tokens += int(row.get("completion_tokens") or 0)
         existing.finish_reasons[row.get("finish_reason") or "unknown"] += 1
         existing.engine_version = row.get("engine_version") or existing.engine_version
+        reference = parse_reference(row.get("top_logprobs"), f"{path}:{number}")
+        if reference:
+            existing.topk_end = max(existing.topk_end, reference_end(reference))
+            existing.topk_tokens += int(reference["tokens"])
     return existing
 
 
