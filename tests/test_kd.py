@@ -324,7 +324,9 @@ def test_resume_after_kill_9_keeps_records_and_sidecar_consistent(generated, run
         again, again_block = resumed[key]
         assert again.completion == record.completion, key
         assert again_block.sampled.tolist() == block.sampled.tolist() and again_block.ids.tolist() == block.ids.tolist(), key
-        np.testing.assert_allclose(again_block.logprobs.astype(np.float32), block.logprobs.astype(np.float32), atol=2e-3)
+        # float16 storage: a resumed run batches rows differently, which can move a log-prob across
+        # a rounding boundary, one float16 step (2^-10 relative, ~0.008 at -8)
+        np.testing.assert_allclose(again_block.logprobs.astype(np.float32), block.logprobs.astype(np.float32), rtol=2e-3, atol=2e-3)
         ends.append((again.top_logprobs["offset"], again.top_logprobs["offset"] + 28 * len(again_block)))
     # Blocks tile the sidecar exactly: nothing orphaned (the 100 bytes were cut), nothing shared.
     ends.sort()
