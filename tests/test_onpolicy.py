@@ -267,6 +267,31 @@ def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
 
 
+@pytest.mark.slow
+def test_two_processes_under_fsdp_take_the_same_steps_as_one(task, tmp_path):
+    """torchrun with 2 CPU processes (gloo, FSDP2): each rank rolls out and the teacher scores
+    half the prompts; the reverse KL, token counts and gradient match a single process (the
+    hook's collectives and no-grad passes keep the ranks in step)."""
+    import os
+    import subprocess
+    import sys
+
+    from distill.students.onpolicy import run
+
+    student, teacher, data = task
+    settings = dict(steps=2, micro_batch_size=2, verifier_workers=1, group_size=2, prompts_per_step=4, max_tokens=6, lr=0.01, seed=0)
+    run(config(task, tmp_path / "one", **settings))
+    flags = [f"{k}={v}" for k, v in dict(instruction="null", **settings).items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill.cli", "onpolicy",
+               "--student", str(student), "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "two"), *flags]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in ("reverse_kl", "teacher_scored_tokens", "completion_length", "trained_tokens", "grad_norm", "entropy"):
+            assert one[key] == pytest.approx(two[key], rel=1e-4), key
+
+
 # --------------------------------------------------------------------------------------------
 # the command and its refusals
 

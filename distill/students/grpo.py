@@ -731,6 +731,11 @@ def _sequence_logprobs(scorer, sequences: list[Sample], cfg: GRPOConfig, dist, p
                 logprobs, _ = scorer(input_ids, attention, targets, temperature=cfg.temperature)
             logprobs = logprobs.gather(1, index).float().cpu()
             result += [logprobs[i, : len(s.completion_ids)] for i, s in enumerate(micro)]
+    if hasattr(scorer, "reshard"):
+        # FSDP2 keeps the root's parameters gathered after a forward, for the backward that
+        # follows; none follows here, and left gathered, policy.parameters() would name the
+        # whole tensors instead of the shards (the gradient clip then misses the root's grads)
+        scorer.reshard()
     return result
 
 
