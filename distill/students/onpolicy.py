@@ -128,7 +128,24 @@ def run(cfg: OnPolicyConfig, sources: Mapping[str, str] | None = None) -> dict[s
     from distill.students import grpo
 
     teacher_model_id(cfg)  # a misspelt teacher is refused before anything is made or loaded
+    check_engine_scores(cfg.teacher_engine)
     return grpo.run(cfg, sources, teacher=Teacher(cfg))
+
+
+# the engine classes (imported without their libraries: vLLM and httpx load when one is built)
+ENGINE_CLASSES = {"hf": ("distill.engines.hf", "HFEngine"), "vllm": ("distill.engines.vllm", "VLLMEngine"), "openai": ("distill.engines.openai", "OpenAIEngine")}
+
+
+def check_engine_scores(name: str) -> None:
+    """Refuse, before anything loads, a teacher engine that cannot score given tokens."""
+    import importlib
+
+    from distill.errors import ConfigError
+
+    module, cls = ENGINE_CLASSES[name]
+    if not callable(getattr(getattr(importlib.import_module(module), cls), "score", None)):
+        able = [n for n, (m, c) in ENGINE_CLASSES.items() if callable(getattr(getattr(importlib.import_module(m), c), "score", None))]
+        raise ConfigError(f"teacher_engine={name}: this engine cannot score given tokens in this version; use teacher_engine={' or '.join(able)}")
 
 
 def teacher_model_id(cfg: OnPolicyConfig) -> str:
