@@ -73,6 +73,9 @@ Choices, and how this differs from the papers:
   append-only, as in distill train: a resume is marked by an `{"event": "resume", "step": N}`
   line, the steps after the checkpoint are logged again, and readers count each step by its
   last record (distill.rundir.step_rows).
+- `distill onpolicy` (students/onpolicy.py) is this loop with a teacher hook (`run(..., teacher=)`):
+  after each rollout the teacher scores every sampled token and sets per-token advantages, the
+  negative reverse KL; every group trains, whatever its rewards.
 - Not done: no value model, no reference refresh, no length-normalised rewards beyond DAPO's
   penalty, no async rollouts (rollout and update alternate), no sequence parallelism.
 """
