@@ -56,7 +56,7 @@ class FakeOpenAIServer:
     def reply(body: dict) -> tuple[str, str]:
         """(reasoning, answer) the server generates for a request."""
         prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-        return f"thinking about {prompt[:20]!r} with seed {body['seed']}", f"The answer is \\boxed{{{body['seed'] % 7}}}."
+        return f"thinking about {prompt[:20]!r} with seed {body.get('seed', 0)}", f"The answer is \\boxed{{{body.get('seed', 0) % 7}}}."
 
     def _handler(self):
         server = self
@@ -98,7 +98,7 @@ class FakeOpenAIServer:
                 body = json.loads(self.rfile.read(length))
                 if not self._authorised():
                     return
-                seed = int(body["seed"])
+                seed = int(body.get("seed", 0))  # a scoring request has none
                 with server.lock:
                     server.bodies.append(body)
                     attempt = server.attempts[seed] = server.attempts.get(seed, 0) + 1

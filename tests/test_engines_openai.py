@@ -57,3 +57,21 @@ def test_unreachable_server_wrong_key_and_unknown_model_fail_before_work(monkeyp
         with pytest.raises(DistillError, match="does not serve model 'other'"):
             monkeypatch.setenv("DISTILL_TEST_KEY", "right")
             make_engine("openai", "other", base_url=server.base_url, api_key_env="DISTILL_TEST_KEY")
+
+
+def test_a_server_without_log_probs_is_one_line_naming_it():
+    """Scoring needs vLLM's prompt log-probs and top_logprobs its token ids; this server (like a
+    hosted API) returns neither. The real vLLM server is tested in test_engines_vllm.py."""
+    from distill.engines import ScoreRequest
+
+    with FakeOpenAIServer() as server:
+        engine = make_engine("openai", "teacher", base_url=server.base_url, **FAST_RETRY)
+        with pytest.raises(DistillError, match=rf"the server at {server.base_url} \(version fake-1.0\) returned no prompt log-probs") as lacking:
+            list(engine.score([ScoreRequest("s", (1, 2, 3), (4, 5))]))
+        assert "\n" not in str(lacking.value) and "score with vLLM's server" in str(lacking.value)
+        assert server.bodies[-1]["prompt"] == [1, 2, 3, 4, 5] and server.bodies[-1]["prompt_logprobs"] == 0
+        (request,) = chat_requests([0])
+        wanting = Request(request.key, request.prompt, Sampling(max_tokens=8, top_logprobs=3), request.seed, request.messages)
+        with pytest.raises(DistillError, match=r"returned no token log-probs"):
+            list(engine.generate([wanting]))
+        assert server.bodies[-1]["top_logprobs"] == 4 and server.bodies[-1]["return_tokens_as_token_ids"] is True

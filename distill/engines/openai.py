@@ -21,6 +21,18 @@
   back as "<think>\\n{reasoning}\\n</think>\\n\\n{content}", R1's own layout.
 - The API key is read from the environment variable named by `api_key_env` (default
   OPENAI_API_KEY); it never appears in configs, records or logs.
+- The teacher's token distribution (engines/__init__.py). `score` posts prompt + completion as
+  token ids to `/completions` with vLLM's `prompt_logprobs: 0` (the actual token's log-prob at
+  every prompt position) and `max_tokens: 1` (vLLM's minimum; the token is discarded), and
+  reads the completion's positions. A server that returns no prompt log-probs (hosted APIs,
+  for one) is a one-line error naming the server: score with vLLM's server or the hf/vllm
+  engines. `Sampling.top_logprobs = k` asks for `logprobs` (chat: `logprobs: true,
+  top_logprobs: k + 1`; completions: `logprobs: k`) and vLLM's `return_tokens_as_token_ids`, so
+  tokens come back as "token_id:123" and Completion.token_ids are set. One more than k on chat:
+  vLLM's chat response lists the sampled token first among the `top_logprobs` it returns, so
+  when the sampled token is not among the k best the k-th is cut off; of k + 1 returned the
+  k most likely are exactly the top k (any server that returns the true top k + 1 is served
+  right too). vLLM returns at most its `--max-logprobs` (default 20) per position.
 - Before any work, `GET {base_url}/models` checks the server is up, the key accepted and the
   model served, so a typo fails in a second and not after the first timeout.
 """
@@ -34,7 +46,7 @@ import random
 import threading
 from typing import Any, Iterable, Iterator
 
-from distill.engines import Completion, Request
+from distill.engines import Completion, Request, Scored, ScoreRequest
 from distill.errors import DistillError
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -121,9 +133,16 @@ class OpenAIEngine:
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
         """Yield one Completion per request as responses arrive (an event loop runs in a thread)."""
+        yield from self._stream(requests, self._complete)
+
+    def score(self, requests: Iterable[ScoreRequest]) -> Iterator[Scored]:
+        """Yield one Scored per request as responses arrive, from the server's prompt log-probs."""
+        yield from self._stream(requests, self._score)
+
+    def _stream(self, requests: Iterable[Any], handle: Any) -> Iterator[Any]:
         results: queue.Queue = queue.Queue()
         state: dict[str, Any] = {}
-        thread = threading.Thread(target=self._run_loop, args=(iter(requests), results, state), daemon=True)
+        thread = threading.Thread(target=self._run_loop, args=(iter(requests), results, state, handle), daemon=True)
         thread.start()
         try:
             while True:
@@ -148,11 +167,11 @@ class OpenAIEngine:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def _run_loop(self, requests: Iterator[Request], results: queue.Queue, state: dict[str, Any]) -> None:
+    def _run_loop(self, requests: Iterator[Any], results: queue.Queue, state: dict[str, Any], handle: Any) -> None:
         async def main() -> None:
             state["loop"] = asyncio.get_running_loop()
             state["task"] = asyncio.current_task()
-            await self._run_all(requests, results)
+            await self._run_all(requests, results, handle)
 
         try:
             asyncio.run(main())
@@ -162,7 +181,7 @@ class OpenAIEngine:
             results.put(error)
         results.put(_DONE)
 
-    async def _run_all(self, requests: Iterator[Request], results: queue.Queue) -> None:
+    async def _run_all(self, requests: Iterator[Any], results: queue.Queue, handle: Any) -> None:
         import httpx
 
         timeout = httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
@@ -173,7 +192,7 @@ class OpenAIEngine:
                 # Workers share one iterator: each takes the next request when its last is done,
                 # so exactly `max_in_flight` requests are open while work remains.
                 for request in requests:
-                    results.put(await self._complete(client, request))
+                    results.put(await handle(client, request))
 
             workers = [asyncio.create_task(worker()) for _ in range(self.max_in_flight)]
             try:
@@ -183,8 +202,6 @@ class OpenAIEngine:
                     task.cancel()
 
     async def _complete(self, client: Any, request: Request) -> Completion:
-        import httpx
-
         chat = bool(request.messages)
         url = f"{self.base_url}/chat/completions" if chat else f"{self.base_url}/completions"
         body: dict[str, Any] = {
@@ -202,6 +219,37 @@ class OpenAIEngine:
             body["messages"] = [dict(m) for m in request.messages]
         else:
             body["prompt"] = request.prompt
+        k = request.sampling.top_logprobs
+        if k > 0:  # see the module docstring for k + 1 on chat
+            body.update({"logprobs": True, "top_logprobs": k + 1} if chat else {"logprobs": k})
+            body["return_tokens_as_token_ids"] = True
+        try:
+            result, error = await self._post(client, url, body, lambda data: _parse(request.key, data, chat, k))
+        except _ServerLacks as lack:
+            raise DistillError(f"the server at {self.base_url} (version {self.version}) {lack}; ask for top_logprobs from vLLM's server (`vllm serve`) or --engine vllm or hf") from None
+        if error is not None:
+            return Completion(request.key, "", "error", 0, 0, info={"error": error})
+        return result
+
+    async def _score(self, client: Any, request: ScoreRequest) -> Scored:
+        if not request.prompt_ids:
+            raise DistillError(f"score request '{request.key}': empty prompt_ids; the first completion token needs at least one token before it")
+        url = f"{self.base_url}/completions"
+        ids = [int(t) for t in request.prompt_ids] + [int(t) for t in request.completion_ids]
+        body = {"model": self.model_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "n": 1, "prompt_logprobs": 0, **self.extra_body}
+        try:
+            result, error = await self._post(client, url, body, lambda data: _prompt_logprobs(request.key, data, ids, len(request.prompt_ids)))
+        except _ServerLacks as lack:
+            raise DistillError(f"the server at {self.base_url} (version {self.version}) {lack}; score with vLLM's server (`vllm serve`) or --engine vllm or hf") from None
+        if error is not None:  # no Scored can stand for a failed one: the caller needs every score
+            raise DistillError(f"score request '{request.key}': {url} {error}")
+        return result
+
+    async def _post(self, client: Any, url: str, body: dict[str, Any], parse: Any) -> tuple[Any, str | None]:
+        """(parse(the answer's JSON), None), or (None, why) when the request failed for good: a 4xx
+        other than those that stop the run, or no usable answer after `max_retries` retries."""
+        import httpx
+
         last_error = ""
         for attempt in range(self.max_retries + 1):
             retry_after: float | None = None
@@ -221,7 +269,7 @@ class OpenAIEngine:
                 status = response.status_code
                 if status == 200:
                     try:
-                        return _parse(request.key, response.json(), chat)
+                        return parse(response.json()), None
                     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
                         last_error = f"malformed response ({type(error).__name__}: {error})"
                 elif status in FATAL_STATUS:
@@ -233,7 +281,7 @@ class OpenAIEngine:
                     last_error = f"HTTP {status} ({_error_text(response)})"
                     retry_after = _retry_after(response)
                 else:  # another 4xx: this request is at fault, retrying will not help
-                    return Completion(request.key, "", "error", 0, 0, info={"error": f"HTTP {status}: {_error_text(response)}"})
+                    return None, f"HTTP {status}: {_error_text(response)}"
             if attempt == self.max_retries:
                 break
             self.retries += 1
@@ -242,7 +290,7 @@ class OpenAIEngine:
             if retry_after is not None:
                 delay = max(delay, min(retry_after, self.backoff_max_s))
             await asyncio.sleep(delay)
-        return Completion(request.key, "", "error", 0, 0, info={"error": f"gave up after {self.max_retries + 1} attempts: {last_error}"})
+        return None, f"gave up after {self.max_retries + 1} attempts: {last_error}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +305,20 @@ def fold_reasoning(reasoning: str | None, content: str | None) -> str:
     return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
 
 
-def _parse(key: str, data: dict[str, Any], chat: bool) -> Completion:
+class _ServerLacks(Exception):
+    """The server answered without what was asked for (a feature it lacks, not a bad answer to retry)."""
+
+
+def _prompt_logprobs(key: str, data: dict[str, Any], ids: list[int], start: int) -> Scored:
+    # vLLM: choices[0].prompt_logprobs = [None, {"<id>": {"logprob": ..., "rank": ...}}, ...],
+    # one per prompt token; with prompt_logprobs 0 each holds the actual token only.
+    positions = data["choices"][0].get("prompt_logprobs")
+    if positions is None:
+        raise _ServerLacks("returned no prompt log-probs (vLLM's `prompt_logprobs` on /completions), which scoring needs")
+    return Scored(key=key, logprobs=[float(positions[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))])
+
+
+def _parse(key: str, data: dict[str, Any], chat: bool, top_logprobs: int = 0) -> Completion:
     choice = data["choices"][0]
     if chat:
         message = choice["message"]
@@ -266,13 +327,43 @@ def _parse(key: str, data: dict[str, Any], chat: bool) -> Completion:
     else:
         text = choice["text"] or ""
     usage = data.get("usage") or {}
+    token_ids, tops = _token_logprobs(choice.get("logprobs"), chat, top_logprobs) if top_logprobs > 0 else (None, None)
     return Completion(
         key=key,
         text=text,
         finish_reason=choice.get("finish_reason") or "stop",
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
+        token_ids=token_ids,
+        top_logprobs=tops,
     )
+
+
+def _token_logprobs(logprobs: Any, chat: bool, k: int) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
+    """The generated ids and each position's k most likely (ids, log-probs) from an answer's
+    `logprobs` with tokens as "token_id:N". Chat: content = [{token, logprob, top_logprobs:
+    [{token, logprob}]}]; completions: tokens = ["token_id:N"], top_logprobs = [{"token_id:N": lp}]."""
+    if not logprobs:
+        raise _ServerLacks("returned no token log-probs (`logprobs`), which top_logprobs needs")
+    if chat:
+        content = logprobs["content"]
+        ids = [_token_id(entry["token"]) for entry in content]
+        candidates = [[(float(t["logprob"]), _token_id(t["token"])) for t in entry["top_logprobs"]] for entry in content]
+    else:
+        ids = [_token_id(token) for token in logprobs["tokens"]]
+        candidates = [[(float(v), _token_id(t)) for t, v in (entry or {}).items()] for entry in logprobs["top_logprobs"]]
+    tops = []
+    for position in candidates:
+        best = sorted(set(position), reverse=True)[:k]  # most likely first; the extra one dropped
+        tops.append(([token for _, token in best], [value for value, _ in best]))
+    return ids, tops
+
+
+def _token_id(token: str) -> int:
+    """123 from vLLM's "token_id:123" (return_tokens_as_token_ids)."""
+    if not token.startswith("token_id:"):
+        raise _ServerLacks(f"returned token {token!r}, not 'token_id:N' (vLLM's return_tokens_as_token_ids), so its ids are unknown")
+    return int(token[len("token_id:"):])
 
 
 def _retry_after(response: Any) -> float | None:
