@@ -230,6 +230,16 @@ def test_the_reward_can_be_added_with_a_weight(task, tmp_path):
     assert final["reward_weight"] == 0.5
 
 
+def test_a_lora_student_learns_through_its_adapter(task, tmp_path):
+    from distill.students.onpolicy import run
+
+    final = run(config(task, tmp_path / "lora", steps=2, lora=True, lora_r=4, mu=2))
+    rows = metrics(tmp_path / "lora")
+    assert all(r["optimizer_steps"] == 2 and r["grad_norm"] > 0 for r in rows)
+    assert rows[-1]["kl_old"] > 0, "the adapter moved the policy away from the one that sampled"
+    assert (Path(final["model_dir"]) / "config.json").is_file(), "exported with the adapter merged"
+
+
 def test_kill_and_resume_follows_the_same_trajectory(task, tmp_path, monkeypatch):
     """As test_grpo's: killed after step 5 was logged (last checkpoint: step 4), resumed."""
     import torch
