@@ -249,10 +249,6 @@ class Group:
     problem_id: str
     samples: list[Sample]
 
-    @property
-    def known(self) -> list[Sample]:
-        return [s for s in self.samples if s.reward.total is not None]
-
 
 def sample_seed(seed: int, position: int, sample_index: int) -> int:
     """The seed of one completion: fixed by the run's seed and the completion's place in the data
