@@ -485,6 +485,26 @@ def test_top_logprobs_through_the_server_equal_the_in_process_ones(server, engin
                 assert ids == want_ids and max(abs(a - b) for a, b in zip(values, want_values)) < SAME, completion.key
 
 
+def test_onpolicy_with_a_served_teacher_follows_the_hf_teachers_run(server, problems, tmp_path):
+    """distill onpolicy with teacher_engine=openai (this server's prompt log-probs) against the same
+    teacher loaded by the hf engine: the same reverse KL on the same samples. The served teacher is the
+    student's own base, so the reverse KL is also ~0."""
+    from distill.config import load_config
+    from distill.students.onpolicy import OnPolicyConfig, run
+
+    base_url, _ = server
+    settings = [f"student={BASE}", f"data={problems}", "instruction=", "chat_template=model", "group_size=2", "prompts_per_step=4",
+                "max_tokens=12", "steps=1", "micro_batch_size=8", "verifier_workers=1"]  # fmt: skip
+    served = ["teacher=toy", "teacher_engine=openai", f"teacher_tokenizer={BASE}", f"teacher_engine_options={{base_url: '{base_url}'}}"]
+    rows = {}
+    for name, teacher in (("served", served), ("hf", [f"teacher={BASE}"])):
+        run(load_config(OnPolicyConfig, overrides=settings + teacher, flags={"out": str(tmp_path / name)}).config)
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for one, other in zip(rows["served"], rows["hf"], strict=True):
+        assert one["teacher_scored_tokens"] == other["teacher_scored_tokens"] > 0
+        assert abs(one["reverse_kl"] - other["reverse_kl"]) < SAME and abs(one["reverse_kl"]) < SAME
+
+
 def test_a_dead_server_stops_the_run_within_seconds_keeping_what_finished(server, tmp_path):
     """Runs last in this module: it kills the server."""
     from distill.teacher.generate import run
