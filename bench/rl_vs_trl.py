@@ -231,32 +231,40 @@ def reward_function(max_tokens: int):
 # workers (one process each)
 
 
-def worker_distill_grpo(workdir: Path, s: dict, clock: StepClock) -> dict:
+def distill_run(workdir: Path, name: str, s: dict, clock: StepClock, load, run, extra: list[str], figure: tuple[str, str]) -> dict:
+    """A distill RL-loop stage (grpo, onpolicy) with the bench's settings; the step ends are
+    taken where the loop logs each step's record (RunDir.log_metrics, once per step)."""
     from distill import toy
     from distill.rundir import RunDir
-    from distill.students.grpo import load_grpo_config, run
 
-    out = workdir / "distill-grpo"
+    out = workdir / name
     logged = RunDir.log_metrics
 
-    def log_metrics(self, record):  # the end of each step: the loop logs once per step
+    def log_metrics(self, record):
         clock.step_end()
         return logged(self, record)
 
     RunDir.log_metrics = log_metrics
     batch = s["prompts"] * s["group"]
     overrides = [
-        f"student={toy.BASE_DIR}", f"data={workdir / 'train.jsonl'}", f"out={out}", "variant=grpo", f"steps={s['steps']}",
+        f"student={toy.BASE_DIR}", f"data={workdir / 'train.jsonl'}", f"out={out}", f"steps={s['steps']}",
         f"prompts_per_step={s['prompts']}", f"group_size={s['group']}", f"max_tokens={s['max_tokens']}", "temperature=1.0",
-        f"lr={s['lr']}", "beta=0.0", "instruction=", "chat_template=model", f"micro_batch_size={batch}", "seed=0",
-        "save_every=100000", "verifier_workers=1", "engine=hf", f"engine_options={{batch_size: {batch}, device: cpu}}",
+        f"lr={s['lr']}", "schedule=constant", "warmup_steps=0", "beta=0.0", "instruction=", "chat_template=model",
+        f"micro_batch_size={batch}", "seed=0", "save_every=100000", "verifier_workers=1", "engine=hf",
+        f"engine_options={{batch_size: {batch}, device: cpu}}", *extra,
     ]  # fmt: skip
-    loaded = load_grpo_config(overrides=overrides)
+    loaded = load(overrides=overrides)
     run(loaded.config, loaded.sources)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "rollout_s" in r]
-    steps = clock.steps([r["reward_mean"] for r in records], [r["rollout_s"] for r in records])
-    return {"steps": steps, "model_dir": str(out / "model"), "train_figure": "reward"}
+    steps = clock.steps([r.get(figure[0]) for r in records], [r["rollout_s"] for r in records])
+    return {"steps": steps, "model_dir": str(out / "model"), "train_figure": figure[1], "metrics": records}
+
+
+def worker_distill_grpo(workdir: Path, s: dict, clock: StepClock) -> dict:
+    from distill.students.grpo import load_grpo_config, run
+
+    return distill_run(workdir, "distill-grpo", s, clock, load_grpo_config, run, ["variant=grpo"], ("reward_mean", "reward"))
 
 
 def trl_common(workdir: Path, name: str, s: dict) -> dict:
@@ -409,7 +417,13 @@ def onpolicy_available() -> bool:
 
 
 def worker_distill_onpolicy(workdir: Path, s: dict, clock: StepClock) -> dict:
-    raise RuntimeError("distill onpolicy is not in this checkout (distill.students.onpolicy)")
+    from distill import toy
+    from distill.students.onpolicy import load_onpolicy_config, run
+
+    # the student's samples only (reward_weight 0), every token's advantage its reverse-KL
+    # estimate against the teacher, averaged over the batch's tokens (aggregation token, as GKD)
+    extra = [f"teacher={toy.TEACHER_DIR}", "teacher_engine=hf", "reward_weight=0.0", "aggregation=token"]
+    return distill_run(workdir, "distill-onpolicy", s, clock, load_onpolicy_config, run, extra, ("reverse_kl", "reverse KL per token (sampled tokens)"))
 
 
 WORKERS = {
@@ -478,7 +492,7 @@ def held_out(model_dir: str | Path, workdir: Path, settings: dict) -> dict:
     finally:
         verifier.close()
 
-    total_kl, tokens = 0.0, 0
+    sample_kl, sample_tokens = [], []  # per sample: summed KL over its tokens, its token count
     prompt_ids = {i: tokenizer(rendered[i].text, add_special_tokens=False)["input_ids"] for i in rendered}
     rows = [(prompt_ids[i], list(c.token_ids)) for i, c in zip(ids, ordered) if c.token_ids]
     with torch.no_grad():
@@ -494,15 +508,26 @@ def held_out(model_dir: str | Path, workdir: Path, settings: dict) -> dict:
                 positions[row, len(prompt) - 1 : len(prompt) + len(completion) - 1] = True
             student_logp = F.log_softmax(student(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)[positions]  # (n, V)
             teacher_logp = F.log_softmax(teacher(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)[positions]  # (n, V)
-            total_kl += float((student_logp.exp() * (student_logp - teacher_logp)).sum())
-            tokens += int(positions.sum())
-    known = [r for r in rewards if r.total is not None]
+            kl = torch.zeros(positions.shape)
+            kl[positions] = (student_logp.exp() * (student_logp - teacher_logp)).sum(dim=-1)
+            sample_kl += kl.sum(dim=1).tolist()
+            sample_tokens += positions.sum(dim=1).tolist()
+    known = [r.total for r in rewards if r.total is not None]
+    reward = statistics.mean(known)
+    tokens = sum(sample_tokens)
+    reverse_kl = sum(sample_kl) / max(tokens, 1)
+    # standard errors over samples (the k samples of a problem are not independent: read them as
+    # a lower bound); the KL's is the ratio estimator's (a token-weighted mean)
+    m = len(sample_kl)
+    kl_se = (sum((k - reverse_kl * n) ** 2 for k, n in zip(sample_kl, sample_tokens)) / (m * (m - 1))) ** 0.5 / (tokens / m) if m > 1 else None
     return {
-        "reward": sum(r.total for r in known) / len(known),
-        "accuracy": sum(bool(r.correct) for r in known) / len(known),
-        "reverse_kl": total_kl / max(tokens, 1),
+        "reward": reward,
+        "reward_se": statistics.stdev(known) / len(known) ** 0.5 if len(known) > 1 else None,
+        "accuracy": sum(bool(r.correct) for r in rewards if r.total is not None) / len(known),
+        "reverse_kl": reverse_kl,
+        "reverse_kl_se": kl_se,
         "samples": len(requests),
-        "mean_length": tokens / max(len(rows), 1),
+        "mean_length": tokens / max(m, 1),
     }
 
 
@@ -533,7 +558,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, help="max new tokens per completion (default: toy.MAX_NEW_TOKENS)")
     parser.add_argument("--k", type=int, help="samples per held-out problem")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of every run (the toy demo's GRPO lr)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker (1: on cores shared with other jobs, more threads wait on each other)")
     parser.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rl-vs-trl", help="work directory; results.json and section.md go here")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in a Markdown file (e.g. docs/benchmarks.md)")
@@ -645,6 +670,36 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _pm(figures: dict, key: str) -> str:
+    se = figures.get(f"{key}_se")
+    return f"{figures[key]:.3f}" + (f" +- {se:.3f}" if se is not None else "")
+
+
+def reading(runs: dict) -> list[str]:
+    """The result against the target, pair by pair, from the figures (no judgement added by hand):
+    per step, the wall-clock and CPU ratios; the curve, the held-out figure of the pair's
+    objective (reward for RL, reverse KL for distillation), the same when within 2 standard errors."""
+    lines = []
+    for ours, theirs in PAIRS:
+        a, b = runs.get(ours, {}), runs.get(theirs, {})
+        if "steps" not in a or "steps" not in b:
+            continue
+        fa, fb = step_figures(a), step_figures(b)
+        wall, cpu = fa["wall"] / fb["wall"], fa["cpu"] / fb["cpu"]
+        speed = "faster" if wall < 1 and cpu < 1 else "slower" if wall > 1 and cpu > 1 else "mixed (wall and CPU disagree)"
+        key, better = ("reward", 1) if ours == "distill-grpo" else ("reverse_kl", -1)
+        x, y = a["held_out"], b["held_out"]
+        margin = 2 * ((x.get(f"{key}_se") or 0) ** 2 + (y.get(f"{key}_se") or 0) ** 2) ** 0.5
+        difference = x[key] - y[key]
+        curve = "the same (within 2 SE)" if abs(difference) <= margin else "better" if difference * better > 0 else "worse"
+        met = "met" if speed == "faster" and curve != "worse" else "not met"
+        lines.append(
+            f"- {LABELS[ours]} vs {LABELS[theirs]}: per step {speed} ({wall:.2f}x the wall time, {cpu:.2f}x the CPU time); "
+            f"held-out {key.replace('_', ' ')} {x[key]:.3f} vs {y[key]:.3f}: {curve}. Target {met}."
+        )
+    return lines
+
+
 def report(summary: dict) -> str:
     s, runs, base = summary["settings"], summary["runs"], summary["base"]
     v = summary["versions"]
@@ -662,7 +717,7 @@ def report(summary: dict) -> str:
         "",
         "| run | s/step | rollout s/step | update s/step | CPU-s/step | peak RSS (GiB) | train figure: step 1 -> last 3 | held-out reward | held-out accuracy | reverse KL to teacher (nats/token) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| base student (start) | | | | | | | {base['reward']:.3f} | {base['accuracy']:.3f} | {base['reverse_kl']:.3f} |",
+        f"| base student (start) | | | | | | | {_pm(base, 'reward')} | {base['accuracy']:.3f} | {_pm(base, 'reverse_kl')} |",
     ]
     for name in CONFIGS:
         if name not in runs:
@@ -674,7 +729,7 @@ def report(summary: dict) -> str:
         f, h = step_figures(r), r["held_out"]
         lines.append(
             f"| {LABELS[name]} | {_fmt(f['wall'])} | {_fmt(f['rollout'])} | {_fmt(f['update'])} | {_fmt(f['cpu'])} | {r['peak_rss_gb']:.2f} | "
-            f"{r['train_figure']}: {_fmt(f['train_first'], 3)} -> {_fmt(f['train_last'], 3)} | {h['reward']:.3f} | {h['accuracy']:.3f} | {h['reverse_kl']:.3f} |"
+            f"{r['train_figure']}: {_fmt(f['train_first'], 3)} -> {_fmt(f['train_last'], 3)} | {_pm(h, 'reward')} | {h['accuracy']:.3f} | {_pm(h, 'reverse_kl')} |"
         )
     ratios = []
     for ours, theirs in PAIRS:
@@ -691,13 +746,15 @@ def report(summary: dict) -> str:
     if ratios:
         lines += ["", "Ratios distill / TRL (below 1: distill is faster or smaller):", "",
                   "| pair | s/step | rollout | update | CPU-s/step | peak RSS |", "|---|---|---|---|---|---|", *ratios]  # fmt: skip
+        lines += ["", "Against the target (faster per step, the same or a better curve):", "", *reading(runs)]
     lines += [
         "",
         "Per-step figures are medians over steps 2..N (the first carries the warm-up), measured between consecutive step ends;",
         "CPU-s is the process's CPU time over the same interval (all threads). Rollout: distill's own rollout_s (generate, grade,",
         "advantages); TRL GRPO: time inside `_generate_and_score_completions` (the same work); GKD: inside `generate_on_policy_outputs`;",
         "DistillationTrainer: inside `_generate_and_score_completions`. Update = step - rollout. Peak RSS: the worker process and its",
-        "children (the verifier's processes), sampled every 50 ms. Held-out figures: one function (`held_out`) for every model.",
+        "children (the verifier's processes), sampled every 50 ms. Held-out figures: one function (`held_out`) for every model;",
+        "+- is one standard error over the samples (the k samples of a problem are correlated, so read it as a lower bound).",
         "",
     ]
     return "\n".join(lines)
