@@ -45,7 +45,8 @@ Figures, the same code for every run:
   generation + grading + advantages; TRL GRPO: the time inside _generate_and_score_completions,
   the same work; GKD: inside generate_on_policy_outputs; DistillationTrainer: inside
   _generate_and_score_completions) and update (the rest of the step: loss, backward, optimizer).
-- CPU seconds per step: process CPU time (all threads) between consecutive step ends, median.
+- CPU seconds per step: CPU time of the process (all threads) and its live children (the
+  verifier's workers) between consecutive step ends, median.
   On a machine shared with other jobs, CPU time measures the work; wall time also the neighbours.
 - peak memory: the largest RSS of the worker process plus its children (the verifier's worker
   processes), sampled every 50 ms during model loading and training (psutil).
@@ -158,11 +159,25 @@ class PeakRSS:
         return self.peak / 2**30
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its live children (the verifier's workers)."""
+    import psutil
+
+    total = time.process_time()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # a child that just ended
+            pass
+    return total
+
+
 class StepClock:
     """Wall and CPU time at each step end, and the rollout seconds inside each step."""
 
     def __init__(self):
-        self.ends: list[tuple[float, float]] = []  # (perf_counter, process_time) at each step end
+        self.ends: list[tuple[float, float]] = []  # (perf_counter, cpu_seconds()) at each step end
         self.rollout: list[float] = []  # seconds of rollout inside each step (TRL sides)
         self._pending = 0.0
 
@@ -170,7 +185,7 @@ class StepClock:
         self._pending += seconds
 
     def step_end(self) -> None:
-        self.ends.append((time.perf_counter(), time.process_time()))
+        self.ends.append((time.perf_counter(), cpu_seconds()))
         self.rollout.append(self._pending)
         self._pending = 0.0
 
@@ -441,11 +456,11 @@ def run_worker(name: str, workdir: Path, settings: dict, threads: int) -> None:
     torch.set_num_threads(threads)
     memory = PeakRSS()
     clock = StepClock()
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     result = WORKERS[name](workdir, settings, clock)
+    result["cpu_s"] = cpu_seconds() - cpu_started  # the children still running (none, once the verifier is closed) count
     result["peak_rss_gb"] = memory.stop()
     result["wall_s"] = time.perf_counter() - started
-    result["cpu_s"] = time.process_time() - cpu_started
     result["threads"] = torch.get_num_threads()
     (workdir / f"{name}.json").write_text(json.dumps(result, indent=2))
 
@@ -750,7 +765,7 @@ def report(summary: dict) -> str:
     lines += [
         "",
         "Per-step figures are medians over steps 2..N (the first carries the warm-up), measured between consecutive step ends;",
-        "CPU-s is the process's CPU time over the same interval (all threads). Rollout: distill's own rollout_s (generate, grade,",
+        "CPU-s is the CPU time of the process (all threads) and its children over the same interval. Rollout: distill's own rollout_s (generate, grade,",
         "advantages); TRL GRPO: time inside `_generate_and_score_completions` (the same work); GKD: inside `generate_on_policy_outputs`;",
         "DistillationTrainer: inside `_generate_and_score_completions`. Update = step - rollout. Peak RSS: the worker process and its",
         "children (the verifier's processes), sampled every 50 ms. Held-out figures: one function (`held_out`) for every model;",
