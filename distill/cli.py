@@ -130,6 +130,29 @@ def grpo(
         typer.echo(metrics["model_dir"])
 
 
+@app.command(context_settings=_PASS_THROUGH)
+def onpolicy(
+    student: Optional[str] = typer.Option(None, "--student", help="Student preset, model directory (e.g. a distill train run's model) or hub id."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: hub id or model directory with the student's tokenizer (a served name with teacher_engine=openai)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Problems: JSONL/Parquet/CSV, a preset (gsm8k-train) or a hub dataset; answers only needed with reward_weight > 0."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (an existing one is resumed)."),
+    recipe: Optional[Path] = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """On-policy distillation: the student samples, the teacher scores each sampled token (reverse KL), grpo's loop updates.
+
+    Reads problems; writes a Hugging Face model directory, checkpoints, config.yaml,
+    metrics.jsonl (reverse KL to the teacher per step) and metrics.json into RUN_DIR.
+    """
+    from distill.students.onpolicy import load_onpolicy_config, run
+
+    flags = {"student": student, "teacher": teacher, "data": data, "out": out}
+    loaded = load_onpolicy_config(recipe=recipe, flags=flags, overrides=overrides or [])
+    metrics = _run(run, loaded)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(metrics["model_dir"])
+
+
 @app.command(name="eval", context_settings=_PASS_THROUGH)
 def eval_(
     model: Optional[str] = typer.Option(None, "--model", help="Model to evaluate: a hub id or a model directory."),

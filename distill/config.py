@@ -362,6 +362,7 @@ STAGE_CONFIGS: dict[str, str] = {
     "filter": "distill.teacher.filter:FilterConfig",
     "train": "distill.students.sft:TrainConfig",
     "grpo": "distill.students.grpo:GRPOConfig",
+    "onpolicy": "distill.students.onpolicy:OnPolicyConfig",
     "eval": "distill.evaluate:EvalConfig",
     "compare": "distill.compare:CompareConfig",
     "demo": "distill.toy.demo:DemoConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-COMMANDS = ["generate", "filter", "train", "grpo", "eval", "compare", "demo", "doctor"]
+COMMANDS = ["generate", "filter", "train", "grpo", "onpolicy", "eval", "compare", "demo", "doctor"]
 
 
 def test_help_lists_every_command(run_cli):

@@ -175,8 +175,7 @@ class GRPOConfig:
     export_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise ValueError("group_size must be at least 2: advantages are relative to the other completions of a prompt")
+        self._check_group_size()
         positive = ("prompts_per_step", "steps", "mu", "minibatches", "micro_batch_size", "max_tokens", "save_every",
                     "keep_checkpoints", "loss_chunk_tokens", "lora_r")  # fmt: skip
         for name in positive:
@@ -191,6 +190,11 @@ class GRPOConfig:
         if self.quantize != "none" and not self.lora:
             raise ValueError("quantize=4bit is QLoRA: set lora=true too")
 
+    def _check_group_size(self) -> None:
+        # on-policy distillation (distill.students.onpolicy) relaxes this when it uses no reward
+        if self.group_size < 2:
+            raise ValueError("group_size must be at least 2: advantages are relative to the other completions of a prompt")
+
 
 # Settings that define a run's trajectory: resuming a run directory with others is refused.
 LOCKED = (
@@ -204,17 +208,18 @@ LOCKED = (
 PRESET_KEYS = ("rope_theta", "max_position_embeddings", "chat_template", "lora", "quantize", "activation_checkpointing", "cpu_offload")
 
 
-def load_grpo_config(recipe: str | Path | None = None, flags: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> Loaded[GRPOConfig]:
-    """The config from defaults < preset < recipe < flags < key=value (see distill train)."""
+def load_grpo_config(recipe: str | Path | None = None, flags: Mapping[str, Any] | None = None, overrides: Sequence[str] = (), cls: type = GRPOConfig) -> Loaded[GRPOConfig]:
+    """The config (`cls`: GRPOConfig, or onpolicy's subclass) from defaults < preset < recipe <
+    flags < key=value (see distill train)."""
     from distill.students.presets import is_preset, preset_values
     from distill.students.sft import visible_gpus
 
-    first = load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides)
+    first = load_config(cls, recipe=recipe, flags=flags, overrides=overrides)
     student = first.config.student
     if not is_preset(student):
         return first
     preset = {k: v for k, v in preset_values(student, visible_gpus()).items() if k in PRESET_KEYS}
-    return load_config(GRPOConfig, recipe=recipe, flags=flags, overrides=overrides, preset=preset, preset_name=student)
+    return load_config(cls, recipe=recipe, flags=flags, overrides=overrides, preset=preset, preset_name=student)
 
 
 @dataclass
@@ -227,6 +232,10 @@ class Sample:
     truncated: bool  # stopped at max_tokens
     reward: Any  # distill.rewards.Reward
     advantage: float = 0.0
+    # set by a teacher (distill onpolicy): each token's own advantage (C,), which replaces
+    # `advantage`, and the sampling policy's log-probs (C,) that it was computed from
+    token_advantages: Any = None
+    sampling_logprobs: Any = None
 
 
 @dataclass
@@ -254,18 +263,21 @@ def _reference(problem) -> str | None:
     return problem.answer if problem.answer and problem.answer.strip() else None
 
 
-def run(cfg: GRPOConfig, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+def run(cfg: GRPOConfig, sources: Mapping[str, str] | None = None, teacher: Any = None) -> dict[str, Any]:
+    """Train and export. `teacher`: on-policy distillation's hook (distill.students.onpolicy.Teacher),
+    which makes this loop `distill onpolicy`: after each rollout the teacher scores every sampled
+    token and sets per-token advantages; None: GRPO."""
     from distill.students.parallel import close_distributed, init_distributed
 
     dist = init_distributed(cfg.dtype)
     try:
-        return _train(cfg, sources, dist)
+        return _train(cfg, sources, dist, teacher)
     finally:
         if dist.distributed:
             close_distributed()
 
 
-def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str, Any]:
+def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist, teacher: Any = None) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -293,7 +305,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {dist.world} processes (each rolls out its share)")
     local_prompts = cfg.prompts_per_step // dist.world
     student_model_id(cfg.student)  # a misspelt student is refused before anything is made or loaded
-    run_dir = RunDir(cfg.out, "grpo", cfg, sources, locked=LOCKED) if dist.is_main else None
+    stage = "grpo" if teacher is None else teacher.stage
+    run_dir = RunDir(cfg.out, stage, cfg, sources, locked=LOCKED if teacher is None else teacher.locked) if dist.is_main else None
 
     def say(message: str) -> None:
         if run_dir is not None:
@@ -301,8 +314,9 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
 
     dist.barrier()
     if run_dir is not None:
-        run_dir.announce(f"distill grpo: {student_name(cfg.student)} on {cfg.data} -> {cfg.out}, {processes(dist)}", shown=("student", "data", "out"))
-    say(f"algorithm: {algorithm}, beta={cfg.beta}")
+        learner = student_name(cfg.student) + ("" if teacher is None else f" from teacher {cfg.teacher}")
+        run_dir.announce(f"distill {stage}: {learner} on {cfg.data} -> {cfg.out}, {processes(dist)}", shown=("student", "teacher", "data", "out"))
+    say(f"algorithm: {algorithm}, beta={cfg.beta}" + ("" if teacher is None else f"; {teacher.describe()}"))
 
     # ---- problems: a seeded permutation per epoch; a position in that stream names a prompt --
     loaded = load_problems(
@@ -314,7 +328,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         say(f"skipped {len(loaded.skipped)} bad rows of {cfg.data}; first: {loaded.skipped[0]}")
         if run_dir is not None:
             run_dir.warn_dropped("malformed", len(loaded.skipped), len(problems) + len(loaded.skipped), "problem rows skipped as malformed (on_bad_row=skip)", "fix those rows (the first is named above)")
-    if not any(_reference(p) for p in problems):
+    if not any(_reference(p) for p in problems) and (teacher is None or teacher.needs_rewards):
         raise InputError(f"{cfg.data}: no problem has a reference answer; the GRPO reward needs one (an 'answer' field)")
     say(f"{len(problems)} problems, {sum(1 for p in problems if not _reference(p))} without a reference (never rewarded)")
     orders: dict[int, list[int]] = {}
@@ -328,6 +342,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
     # ---- student, chat template, policy, reference, optimiser (distill train's own code) -----
     model_id, hf_config = resolve_student(cfg.student)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
+    if teacher is not None:  # a teacher that cannot score the student's tokens is refused before any model loads
+        teacher.check_tokenizer(tokenizer, model_id)
     template = resolve_template(cfg.chat_template, tokenizer, cfg.end_of_turn)
     apply_template(tokenizer, template)  # prompts render with it; generation stops at its end of turn
     say(f"student {model_id}; chat template '{template.name}'")
@@ -386,6 +402,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
             options["extra"] = {"hf_overrides": changed, **(options.get("extra") or {})}
         engine = make_engine("vllm", model_id, tokenizer=tokenizer, **options)
         engine.load_weights(_policy_weights(model))  # a resumed run samples from its checkpoint, not the base
+    if teacher is not None:
+        teacher.start(dist)
     verifier = Verifier(workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s, no_answer_fallback=cfg.no_answer_fallback)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     rendered_cache: dict[str, Any] = {}
@@ -425,7 +443,7 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
 
     # ---- the loop -------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
-    progress = tqdm(total=cfg.steps, initial=start_step, desc="grpo", unit="step", disable=not dist.is_main)
+    progress = tqdm(total=cfg.steps, initial=start_step, desc=stage, unit="step", disable=not dist.is_main)
     try:
         for step in range(start_step, cfg.steps):
             # rollout and reward: each rank its share of the step's prompts; DAPO's dynamic sampling
@@ -438,12 +456,15 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
                 groups = rollout(list(range(mine, mine + local_prompts)))
                 cursor += cfg.prompts_per_step
                 rolled += groups
-                batch += _assign_advantages(groups, algorithm, rl)
+                kept = _assign_advantages(groups, algorithm, rl)
+                batch += kept if teacher is None else groups  # the teacher's signal needs no reward: every group trains
                 short = dist.sum([float(len(batch) < local_prompts)])[0]
                 if not algorithm.dynamic_sampling or short == 0:
                     break
             batch = batch[:local_prompts]
             rollout_s = time.perf_counter() - started
+            # on-policy distillation: the teacher scores every sampled token; per-token advantages
+            scored = teacher.score(batch, policy, dist, pad_id) if teacher is not None else {}
 
             # update
             started = time.perf_counter()
@@ -454,12 +475,13 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
                 engine.load_weights(_policy_weights(model))
             update_s = time.perf_counter() - started
 
-            record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch, dist), **update, "lr": lr,
+            record = {"step": step + 1, "data_position": cursor, **_rollout_metrics(rolled, batch, dist), **update, **scored, "lr": lr,
                       "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3)}  # fmt: skip
             history.append(record)
             if run_dir is not None:
                 run_dir.log_metrics(record)
-            progress.set_postfix(reward=_short(record["reward_mean"]), acc=_short(record["accuracy"]), len=_short(record["completion_length"], 0))
+            shown = {} if teacher is None else {"rkl": _short(record["reverse_kl"])}
+            progress.set_postfix(reward=_short(record["reward_mean"]), acc=_short(record["accuracy"]), len=_short(record["completion_length"], 0), **shown)
             progress.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 checkpointer.save(step + 1, policy, optimizer, scheduler, {"cursor": cursor, "problems": len(problems)})
@@ -467,6 +489,8 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         progress.close()
         verifier.close()
         engine.close()
+        if teacher is not None:
+            teacher.close()
 
     # ---- the final model (what distill eval reads), the final figures ------------------------
     export_model(model, tokenizer, model_dir, dist, merge_lora=cfg.merge_lora, dtype=export_dtype(cfg, hf_config),
@@ -495,10 +519,12 @@ def _train(cfg: GRPOConfig, sources: Mapping[str, str] | None, dist) -> dict[str
         "timeouts_this_session": sum(r["timeouts"] for r in history),
         "world_size": dist.world,
         "chat_template": template.name,
+        **(teacher.summary(history, start_step, run_dir) if teacher is not None else {}),
     }
     if run_dir is not None:
         run_dir.write_metrics(final)
-        say(f"done: {cfg.steps} steps, mean reward {_short(final['reward_mean_first'])} -> {_short(final['reward_mean_last10'])} "
+        distance = "" if teacher is None else f"reverse KL to the teacher {_short(final['reverse_kl_first'])} -> {_short(final['reverse_kl_last10'])}, "
+        say(f"done: {cfg.steps} steps, {distance}mean reward {_short(final['reward_mean_first'])} -> {_short(final['reward_mean_last10'])} "
             f"(last 10 steps), accuracy {_short(final['accuracy_last10'])}; model in {model_dir}")
     return final
 
@@ -549,7 +575,8 @@ def _optimise(policy, reference, optimizer, batch: list[Group], algorithm, cfg: 
     micro-batches. Returns the update's figures, summed over ranks."""
     import torch
 
-    sequences = [s for group in batch for s in group.known]
+    # a sample trains when its reward is known, or when a teacher gave its tokens advantages
+    sequences = [s for group in batch for s in group.samples if s.token_advantages is not None or s.reward.total is not None]
     # DAPO's overlong filtering: a truncated completion keeps its place in its group's
     # statistics, but none of its tokens is trained on
     loss_tokens = [0 if algorithm.overlong == "mask" and s.truncated else len(s.completion_ids) for s in sequences]
@@ -560,7 +587,10 @@ def _optimise(policy, reference, optimizer, batch: list[Group], algorithm, cfg: 
     parts = min(cfg.minibatches, total)
     # log-probs under the policy that sampled (needed only when it changes between updates) and
     # under the reference (only with a KL term); computed before any update
-    old = _sequence_logprobs(policy, sequences, cfg, dist, pad_id) if cfg.mu * parts > 1 else None
+    old = None
+    if cfg.mu * parts > 1:  # a teacher's hook has them already (every rank alike)
+        stored = [s.sampling_logprobs for s in sequences]
+        old = stored if all(x is not None for x in stored) else _sequence_logprobs(policy, sequences, cfg, dist, pad_id)
     ref = None
     if cfg.beta > 0:
         if reference is None:  # LoRA: the base model is the reference
@@ -593,7 +623,10 @@ def _optimise(policy, reference, optimizer, batch: list[Group], algorithm, cfg: 
                 mask = batch_tensors[4]
                 old_logprobs = _stack([old[i] for i in index], mask) if old is not None else logprobs.detach()
                 ref_logprobs = _stack([ref[i] for i in index], mask) if ref is not None else None
-                advantages = torch.tensor([s.advantage for s in micro], device=dist.device)
+                if micro[0].token_advantages is not None:  # (b, C) one per token (a teacher's)
+                    advantages = _stack([s.token_advantages for s in micro], mask)
+                else:  # (b,) one per sequence
+                    advantages = torch.tensor([s.advantage for s in micro], device=dist.device)
                 loss, stats = rl.policy_loss(
                     logprobs, old_logprobs, advantages, mask, weights[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size].to(dist.device),
                     epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high, beta=cfg.beta, ref_logprobs=ref_logprobs,

@@ -26,6 +26,10 @@ Shared by all three (the PPO-style surrogate of GRPO):
                   an unbiased, always non-negative estimate of KL(pi || pi_ref); DeepSeekMath eq. 4)
 The KL term is aggregated with the same weights as the surrogate (as TRL and verl do).
 
+On-policy distillation (distill onpolicy) uses the same surrogate with a per-token advantage,
+`reverse_kl_advantages`: A_{i,t} = -(log pi(o_{i,t}) - log pi_teacher(o_{i,t})), optionally plus a
+weighted group-relative reward advantage.
+
 `PolicyScorer` is distill train's Scorer (the LM head applied in chunks, never the full logits;
 the FSDP root module) returning what the loss needs: log-probs at the sampling temperature and,
 for the logs, the entropy of the policy at the same positions.
@@ -142,6 +146,38 @@ def informative_groups(rewards: torch.Tensor, valid: torch.Tensor | None = None)
     return (valid.sum(dim=1) >= 2) & (high > low)
 
 
+def reverse_kl_advantages(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    coef: float = 1.0,
+    discount: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy distillation's per-token advantages (Thinking Machines, tinker-cookbook
+    `incorporate_kl_penalty`): A_t = -coef * (log p_student(x_t) - log p_teacher(x_t)), the
+    negative of a one-sample estimate of the reverse KL at position t (x_t was sampled from the
+    student). discount = gamma > 0 gives each token the discounted sum of the KL still to come,
+    A_t = sum_{s >= t} gamma^(s - t) a_s (the cookbook's kl_discount_factor; 0, its default: no
+    sum, each token answers for itself).
+
+    student_logprobs, teacher_logprobs, mask: (B, T); the student's are the sampling policy's
+    (detached). Returns (advantages (B, T), 0 where mask is 0; reverse KL (B, T) = log p_s - log
+    p_t on the mask).
+    """
+    mask = mask.to(torch.float64)
+    reverse_kl = (student_logprobs.detach().double() - teacher_logprobs.detach().double()) * mask  # (B, T)
+    advantages = -coef * reverse_kl  # (B, T)
+    if discount > 0:
+        summed = torch.zeros_like(advantages)
+        running = torch.zeros(advantages.shape[0], dtype=advantages.dtype, device=advantages.device)  # (B,)
+        for t in range(advantages.shape[1] - 1, -1, -1):  # right to left: A_t = a_t + gamma * A_{t+1}
+            running = advantages[:, t] + discount * running
+            summed[:, t] = running
+        advantages = summed * mask
+    return advantages.to(torch.float32), reverse_kl.to(torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # loss
 
@@ -207,12 +243,15 @@ def policy_loss(
     """This micro-batch's share of the optimisation batch's loss, and its token statistics.
 
     logprobs (B, T): log pi_theta of each completion token (with grad); old_logprobs (B, T): the
-    same under the policy that sampled them (no grad); advantages (B,); mask (B, T): 1 on loss
-    tokens; weights (B,): from `sequence_weights`; ref_logprobs (B, T) when beta > 0.
+    same under the policy that sampled them (no grad); advantages (B,) one per sequence (GRPO) or
+    (B, T) one per token (on-policy distillation's reverse KL); mask (B, T): 1 on loss tokens;
+    weights (B,): from `sequence_weights`; ref_logprobs (B, T) when beta > 0.
     """
     assert logprobs.shape == old_logprobs.shape == mask.shape, "logprobs, old_logprobs and mask must share a shape (B, T)"
+    assert advantages.dim() == 1 or advantages.shape == mask.shape, "advantages are (B,) per sequence or (B, T) per token"
     mask = mask.to(logprobs.dtype)
-    advantage = advantages.to(logprobs.dtype).unsqueeze(1)  # (B, 1)
+    advantage = advantages.to(logprobs.dtype)
+    advantage = advantage.unsqueeze(1) if advantage.dim() == 1 else advantage.detach()  # (B, 1) or (B, T)
     log_ratio = logprobs - old_logprobs.detach()  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
