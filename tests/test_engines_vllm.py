@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, SharedEngine, real_vllm, share_engine
 from distill import toy
@@ -163,6 +164,79 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# the teacher's token distribution: score and top_logprobs, against the hf engine's numbers
+
+# Both engines run the toy base in float32 on CPU; they differ only in kernels (vLLM's CPU
+# attention and fused layers against transformers' sdpa) and summation order, which moves a
+# log-prob by ~1e-6 here (measured: at most 1.7e-6 on 2026-12-01). 1e-4 is well above that and
+# far below any difference a wrong position, token or temperature would make (> 1e-2).
+SAME = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_base():
+    return make_engine("hf", BASE, dtype="float32", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def sampled(engine):
+    """vLLM samples at temperature 0.6 / top-p 0.9 with the top-5 log-probs of every token."""
+    requests = [Request(r.key, r.prompt, Sampling(temperature=0.6, top_p=0.9, max_tokens=r.sampling.max_tokens, top_logprobs=5), r.seed)
+                for r in toy_requests(engine.tokenizer, 6)]  # fmt: skip
+    return requests, {c.key: c for c in engine.generate(requests)}
+
+
+def score_requests(tokenizer, requests, completions):
+    from distill.engines import ScoreRequest
+
+    return [ScoreRequest(r.key, tuple(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]), tuple(completions[r.key].token_ids))
+            for r in requests]  # fmt: skip
+
+
+def test_vllm_score_equals_the_hf_score(engine, hf_base, sampled):
+    requests, completions = sampled
+    scoring = score_requests(engine.tokenizer, requests, completions)
+    mine = {s.key: s.logprobs for s in engine.score(scoring)}
+    reference = {s.key: s.logprobs for s in hf_base.score(scoring)}
+    assert set(mine) == set(reference) == {r.key for r in requests}
+    for key, values in mine.items():
+        assert len(values) == len(completions[key].token_ids)
+        assert max(abs(a - b) for a, b in zip(values, reference[key])) < SAME, key
+    # the prompt tokens' log-probs are vLLM's too, but only the completion's are returned
+    (alone,) = engine.score(scoring[:1])
+    assert alone.logprobs == mine[scoring[0].key], "a score does not depend on the other requests"
+
+
+def test_vllm_top_logprobs_are_the_raw_distribution_whatever_the_temperature(engine, hf_base, sampled):
+    """Sampled at temperature 0.6, the top-5 must still be log_softmax of the raw logits
+    (temperature 1): the hf model's own forward over the same tokens is the reference."""
+    requests, completions = sampled
+    for request in requests:
+        completion = completions[request.key]
+        prompt = hf_base.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = hf_base.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (completion, V)
+        best = logits.log_softmax(-1).topk(5, dim=-1)
+        assert len(completion.top_logprobs) == len(completion.token_ids)
+        for position, (top_ids, values) in enumerate(completion.top_logprobs):
+            assert len(top_ids) == len(values) == 5 and values == sorted(values, reverse=True)
+            assert torch.allclose(torch.tensor(values), best.values[position], atol=SAME), (request.key, position)
+            assert top_ids == best.indices[position].tolist() or min(abs(a - b) for a, b in zip(values, values[1:])) < SAME
+    plain = {c.key: c for c in engine.generate([Request(r.key, r.prompt, Sampling(temperature=0.6, top_p=0.9, max_tokens=r.sampling.max_tokens), r.seed)
+                                                for r in requests])}  # fmt: skip
+    assert all(plain[key].token_ids == c.token_ids and plain[key].top_logprobs is None for key, c in completions.items()), \
+        "asking for top_logprobs does not change the samples"
+
+
+def test_more_top_logprobs_than_vllm_returns_is_one_line(engine):
+    (request,) = toy_requests(engine.tokenizer, 1)
+    wide = Request(request.key, request.prompt, Sampling(max_tokens=4, top_logprobs=50), request.seed)
+    with pytest.raises(DistillError, match=r"vLLM refused request '.*': .*max_logprobs: 50"):
+        list(engine.generate([wide]))
+
+
+# ------------------------------------------------------------------------------------------------
 # distill generate and distill eval on the real engine
 
 
@@ -290,6 +364,8 @@ def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkey
     try:
         first = list(replicas.generate(requests))
         second = {c.key: c.text for c in replicas.generate(reversed(requests))}  # replicas outlive a call
+        scoring = score_requests(engine.tokenizer, requests, {c.key: c for c in first})
+        scores = {s.key: s.logprobs for s in replicas.score(scoring)}  # scoring goes through the same queue
         devices, processes = replicas._replicas.devices, replicas._replicas.processes
         started = {p.pid: psutil.Process(p.pid).children(recursive=True) for p in processes}  # vLLM's engine cores
     finally:
@@ -297,6 +373,7 @@ def test_two_replicas_on_their_own_cores_serve_more_than_one_call(engine, monkey
     assert not [c for children in started.values() for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
         "no vLLM process outlives the engine"
     assert {c.key: c.text for c in first} == expected == second
+    assert scores == {s.key: s.logprobs for s in engine.score(scoring)}, "a replica scores as the in-process engine does"
     assert devices == {0: str(cores[0]), 1: str(cores[1])}, "each replica is bound to its own core"
     assert {c.info["replica"] for c in first} <= {0, 1}
     assert not any(p.is_alive() for p in processes) and all(p.exitcode == 0 for p in processes), "close() ends them cleanly"

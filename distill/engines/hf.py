@@ -3,6 +3,7 @@
     engine = HFEngine("Qwen/Qwen2.5-Math-1.5B")                  # load by hub id or path
     engine = HFEngine(hf_model=policy, tokenizer=tokenizer)        # the policy GRPO is training
     for completion in engine.generate(requests): ...               # in the order rows finish
+    for scored in engine.score(score_requests): ...                 # log p of given tokens
 
 For CPU, small GPUs, tests and the demo; vLLM is the engine for real teacher runs.
 
@@ -25,6 +26,15 @@ length and cut into static batches of `batch_size` rows (the n samples of a prob
 prompt, so they share a batch with no padding); prompts are left-padded; a row that finishes
 (EOS or max_tokens) is yielded at once and dropped from the batch and its KV cache, so no
 compute is spent on it, but its slot is not refilled until the next batch.
+
+Top-k log-probs (Sampling.top_logprobs = k): at each step, log_softmax of the raw logits (the
+model's distribution at temperature 1, before top-p) and its k best; computed beside the
+sampler, never fed to it, so the sampled tokens are the same with and without them.
+
+Scoring (`score`): one teacher-forced forward over prompt + completion per batch, right-padded
+with an attention mask; log p of each completion token at temperature 1 through
+distill.students.logprobs.token_logprobs, the code the training loops use, which projects only
+the completion positions through the LM head, in chunks (never (B, T, V) logits).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Iterator, Sequence
 
-from distill.engines import Completion, Request
+from distill.engines import Completion, Request, Scored, ScoreRequest
 from distill.errors import DistillError
 
 
@@ -97,6 +107,22 @@ class HFEngine:
         finally:
             self.model.train(was_training)
 
+    def score(self, requests: Iterable[ScoreRequest]) -> Iterator[Scored]:
+        """Yield one Scored per request: log p(completion_ids[t] | prompt_ids + completion_ids[:t])
+        at temperature 1, batched `batch_size` sequences at a time (sorted by length)."""
+        requests = list(requests)
+        for request in requests:
+            if not request.prompt_ids:
+                raise DistillError(f"score request '{request.key}': empty prompt_ids; the first completion token needs at least one token before it")
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids) + len(requests[i].completion_ids))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                yield from self._score_batch([requests[i] for i in order[start : start + self.batch_size]])
+        finally:
+            self.model.train(was_training)
+
     def close(self) -> None:
         if self._owns_model:
             del self.model
@@ -113,6 +139,31 @@ class HFEngine:
             raise DistillError("empty prompt: the hf engine needs at least one prompt token")
         return list(ids)
 
+    def _score_batch(self, requests: Sequence[ScoreRequest]) -> Iterator[Scored]:
+        torch = self._torch
+        from distill.students.logprobs import IGNORE, token_logprobs
+
+        sequences = [list(r.prompt_ids) + list(r.completion_ids) for r in requests]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)  # (B, T) right-padded
+        attention = torch.zeros((len(requests), width), dtype=torch.long)  # (B, T) 1 = real token
+        targets = torch.full((len(requests), width), IGNORE, dtype=torch.long)  # (B, T) next token where scored
+        for row, (request, ids) in enumerate(zip(requests, sequences)):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            # position t predicts token t + 1: the completion's tokens are predicted from
+            # positions len(prompt) - 1 ... len(ids) - 2
+            first = len(request.prompt_ids) - 1
+            targets[row, first : len(ids) - 1] = torch.tensor(list(request.completion_ids), dtype=torch.long)
+        with torch.no_grad():
+            # Right padding: positions count from 0 for every row, and causal attention keeps the
+            # pads after a row's tokens out of its scores.
+            logprobs = token_logprobs(self.model, input_ids.to(self.device), targets=targets.to(self.device),
+                                      attention_mask=attention.to(self.device)).cpu()  # (B, T)
+        for row, request in enumerate(requests):
+            first = len(request.prompt_ids) - 1
+            yield Scored(key=request.key, logprobs=logprobs[row, first : first + len(request.completion_ids)].tolist())
+
     def _generate_batch(self, requests: Sequence[Request], prompts: Sequence[list[int]]) -> Iterator[Completion]:
         torch = self._torch
         from transformers import DynamicCache
@@ -128,6 +179,7 @@ class HFEngine:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, T) real tokens count from 0
         generators = [torch.Generator(device=self.device).manual_seed(int(r.seed)) for r in requests]
         generated: list[list[int]] = [[] for _ in range(rows)]
+        tops: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(rows)]  # per row, per token
         alive = list(range(rows))  # batch row -> index into `requests`
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
@@ -136,15 +188,18 @@ class HFEngine:
             next_position = positions[:, -1:] + 1  # (B, 1)
             while alive:
                 tokens = sample_tokens(logits, [requests[i] for i in alive], [generators[i] for i in alive])  # (b,)
+                top = top_logprobs(logits, [requests[i].sampling.top_logprobs for i in alive])
                 keep: list[int] = []
                 for slot, index in enumerate(alive):
                     token = int(tokens[slot])
                     generated[index].append(token)
+                    if top[slot] is not None:
+                        tops[index].append(top[slot])
                     done = self._finished(requests[index], generated[index], token)
                     if done is None:
                         keep.append(slot)
                     else:
-                        yield self._completion(requests[index], prompts[index], generated[index], *done)
+                        yield self._completion(requests[index], prompts[index], generated[index], *done, tops[index])
                 if not keep:
                     break
                 if len(keep) < len(alive):
@@ -181,7 +236,8 @@ class HFEngine:
             return "length", None
         return None
 
-    def _completion(self, request: Request, prompt: list[int], ids: list[int], reason: str, cut: int | None) -> Completion:
+    def _completion(self, request: Request, prompt: list[int], ids: list[int], reason: str, cut: int | None,
+                    tops: list[tuple[list[int], list[float]]]) -> Completion:
         text_ids = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
         text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         if cut is not None:
@@ -193,6 +249,7 @@ class HFEngine:
             prompt_tokens=len(prompt),
             completion_tokens=len(ids),
             token_ids=list(ids),
+            top_logprobs=tops if request.sampling.top_logprobs > 0 else None,
         )
 
 
@@ -241,6 +298,21 @@ def sample_tokens(logits, requests: Sequence[Request], generators: Sequence[Any]
         outside = _outside_nucleus(probs[rows], top_p[rows])
         choice[rows] = perturbed[rows].masked_fill(outside, -math.inf).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), choice)  # (b,)
+
+
+def top_logprobs(logits, ks: Sequence[int]) -> list[tuple[list[int], list[float]] | None]:
+    """Row i's ks[i] most likely tokens and their log-probs at temperature 1 (before top-p), most
+    likely first, or None where ks[i] is 0. logits (b, V) raw; only read, so sampling is unchanged."""
+    wanted = [min(k, logits.shape[-1]) for k in ks]
+    if max(wanted, default=0) <= 0:
+        return [None] * len(ks)
+    rows = [i for i, k in enumerate(wanted) if k > 0]
+    best = logits[rows].float().log_softmax(dim=-1).topk(max(wanted), dim=-1)  # (r, k) sorted descending
+    ids, values = best.indices.tolist(), best.values.tolist()
+    out: list[tuple[list[int], list[float]] | None] = [None] * len(ks)
+    for slot, row in enumerate(rows):
+        out[row] = (ids[slot][: wanted[row]], values[slot][: wanted[row]])
+    return out
 
 
 _CANDIDATES = 8  # perturbed candidates checked for nucleus membership before a full sort

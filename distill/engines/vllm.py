@@ -42,6 +42,18 @@ What it does:
   the engine, and pull requests from one queue, so a replica that drew short traces takes more.
 - Multi-node teachers (DeepSeek-R1 671B): `distributed_executor_backend="ray"` on a running Ray
   cluster spans tp * pp GPUs over nodes; see docs/generate.md.
+- The teacher's token distribution (engines/__init__.py): `Sampling.top_logprobs = k` asks vLLM
+  for `SamplingParams(logprobs=k)`; `score` sends prompt + completion as one prompt with
+  `SamplingParams(max_tokens=1, prompt_logprobs=0)` and reads the log-prob vLLM gives the actual
+  token at each completion position. Both come from the model's raw distribution (temperature
+  1, before penalties and top-p) because the engine is built with `logprobs_mode="raw_logprobs"`
+  (vLLM 0.32's default, set explicitly; vLLM computes prompt log-probs from raw logits in every
+  mode, and sample log-probs before its logits processors in the raw modes: v1/sample/sampler.py,
+  v1/worker/gpu_model_runner.py `_get_prompt_logprobs_dict`). A request with prompt log-probs
+  skips the prefix cache (vLLM's rule: SamplingParams.skip_reading_prefix_cache), so scoring
+  recomputes each prompt, and vLLM projects the prompt positions through the LM head too.
+  vLLM returns at most `max_logprobs` (default 20) per position: more is a one-line error
+  naming vllm.extra's max_logprobs.
 - GRPO: `colocate=True` builds the engine in this process (`distributed_executor_backend=
   "external_launcher"`, as TRL's colocate mode does) and `load_weights(weights)` reloads the
   policy's weights in place through the worker's `reload_weights` (vLLM's layer-wise reload, which
@@ -57,7 +69,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from distill.engines import Completion, Request
+from distill.engines import Completion, Request, Scored, ScoreRequest
 from distill.errors import ConfigError, DistillError, MissingDependency
 
 _END = object()
@@ -129,6 +141,7 @@ class VLLMEngine:
             self.llm_kwargs["distributed_executor_backend"] = distributed_executor_backend
         self.llm_kwargs.update(extra or {})
         _check_engine_args(vllm, self.llm_kwargs, on_cpu)
+        _raw_logprobs(vllm, self.llm_kwargs)
         per_replica = tensor_parallel_size * pipeline_parallel_size
         slots = _cpu_cores() if on_cpu else _visible_gpus()  # what replicas are split over
         if data_parallel_size is None:
@@ -157,6 +170,14 @@ class VLLMEngine:
         """Yield one Completion per request as vLLM finishes it (continuous batching)."""
         stop_ids = _stop_token_ids(self.tokenizer)
         jobs = (_job(r, self._encode(r.prompt), stop_ids) for r in requests)
+        yield from self._run(jobs)
+
+    def score(self, requests: Iterable[ScoreRequest]) -> Iterator[Scored]:
+        """Yield one Scored per request as vLLM finishes it: the log-prob of each completion token
+        given what precedes it, from vLLM's prompt log-probs over prompt + completion."""
+        yield from self._run(_score_job(r) for r in requests)
+
+    def _run(self, jobs: Iterable[dict[str, Any]]) -> Iterator[Any]:
         if self._replicas is not None:
             yield from self._replicas.run(jobs)
         else:
@@ -213,7 +234,65 @@ def _job(request: Request, prompt_ids: list[int], stop_token_ids: list[int]) -> 
         "stop": list(sampling.stop),
         "stop_token_ids": stop_token_ids,
         "seed": int(request.seed),
+        "top_logprobs": int(sampling.top_logprobs),
     }
+
+
+def _score_job(request: ScoreRequest) -> dict[str, Any]:
+    """A scoring request for a replica: prompt + completion as one prompt; `score_from` is where
+    the completion starts."""
+    if not request.prompt_ids:
+        raise DistillError(f"score request '{request.key}': empty prompt_ids; the first completion token needs at least one token before it")
+    return {
+        "key": request.key,
+        "prompt_token_ids": [int(t) for t in request.prompt_ids] + [int(t) for t in request.completion_ids],
+        "score_from": len(request.prompt_ids),
+    }
+
+
+def _params(vllm: Any, job: Mapping[str, Any], final_only: Any) -> Any:
+    """SamplingParams of a job: a sample, or a scoring pass (one greedy token, whose only purpose
+    is the prompt log-probs; 0 = the actual token's log-prob alone, no top-k; no detokenizing)."""
+    if "score_from" in job:
+        return vllm.SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False, output_kind=final_only)
+    top = {"logprobs": job["top_logprobs"]} if job.get("top_logprobs") else {}  # vLLM's default (None) otherwise
+    return vllm.SamplingParams(
+        n=1,
+        temperature=job["temperature"],
+        top_p=job["top_p"],
+        max_tokens=job["max_tokens"],
+        seed=job["seed"],
+        stop=job["stop"] or None,
+        stop_token_ids=job["stop_token_ids"] or None,
+        output_kind=final_only,  # one output per request, when it finishes
+        **top,
+    )
+
+
+def _result(output: Any, job: Mapping[str, Any]) -> Completion | Scored:
+    """What a finished vLLM request becomes: a Scored for a scoring job, else a Completion."""
+    if "score_from" in job:
+        # prompt_logprobs[i]: {token i: Logprob} for i >= 1 (position 0 has nothing before it)
+        ids, start = output.prompt_token_ids, job["score_from"]
+        return Scored(key=job["key"], logprobs=[output.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))])
+    sample = output.outputs[0]
+    k = job.get("top_logprobs") or 0
+    return Completion(
+        key=job["key"],
+        text=sample.text,
+        finish_reason=sample.finish_reason or "stop",
+        prompt_tokens=len(output.prompt_token_ids or ()),
+        completion_tokens=len(sample.token_ids),
+        token_ids=list(sample.token_ids),
+        top_logprobs=[_top(position, k) for position in sample.logprobs] if k else None,
+    )
+
+
+def _top(position: Mapping[int, Any], k: int) -> tuple[list[int], list[float]]:
+    """The k best (ids, log-probs) of one position, most likely first. vLLM adds the sampled
+    token to its top k when it is not among them: that one is the least likely, so dropped."""
+    best = sorted(((logprob.logprob, token) for token, logprob in position.items()), reverse=True)[:k]
+    return [token for _, token in best], [value for value, _ in best]
 
 
 def _stop_token_ids(tokenizer: Any) -> list[int]:
@@ -249,13 +328,18 @@ def run_engine(llm: Any, jobs: Iterable[dict[str, Any] | None], max_queued: int,
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
+    try:  # what vLLM raises for a request it will not take (VLLMValidationError; ValueError in older vLLM)
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        VLLMClientError = ValueError
+    refusals = (ValueError, VLLMClientError)
     ids = ids if ids is not None else itertools.count()
     pending = iter(jobs)
-    keys: dict[str, str] = {}  # vLLM request id -> the caller's key
+    held: dict[str, dict[str, Any]] = {}  # vLLM request id -> its job
     exhausted = False
     try:
         while True:
-            while not exhausted and len(keys) < max_queued:
+            while not exhausted and len(held) < max_queued:
                 job = next(pending, _END)
                 if job is _END:
                     exhausted = True
@@ -263,37 +347,35 @@ def run_engine(llm: Any, jobs: Iterable[dict[str, Any] | None], max_queued: int,
                 if job is None:
                     break
                 request_id = str(next(ids))
-                keys[request_id] = job["key"]
-                params = vllm.SamplingParams(
-                    n=1,
-                    temperature=job["temperature"],
-                    top_p=job["top_p"],
-                    max_tokens=job["max_tokens"],
-                    seed=job["seed"],
-                    stop=job["stop"] or None,
-                    stop_token_ids=job["stop_token_ids"] or None,
-                    output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
-                )
-                engine.add_request(request_id, {"prompt_token_ids": job["prompt_token_ids"]}, params)
-            if not keys:
+                try:
+                    engine.add_request(request_id, {"prompt_token_ids": job["prompt_token_ids"]},
+                                       _params(vllm, job, RequestOutputKind.FINAL_ONLY))
+                except refusals as error:
+                    raise DistillError(_refused(job, error)) from None
+                held[request_id] = job
+            if not held:
                 if exhausted:
                     return
                 continue  # nothing in the engine and nothing ready: `jobs` waited a little already
             for output in engine.step():
                 if not output.finished:
                     continue
-                sample = output.outputs[0]
-                yield Completion(
-                    key=keys.pop(output.request_id),
-                    text=sample.text,
-                    finish_reason=sample.finish_reason or "stop",
-                    prompt_tokens=len(output.prompt_token_ids or ()),
-                    completion_tokens=len(sample.token_ids),
-                    token_ids=list(sample.token_ids),
-                )
+                yield _result(output, held.pop(output.request_id))
     finally:
-        if keys:  # the caller stopped early, or an error: nothing of this call stays in the engine
-            engine.abort_request(list(keys))
+        if held:  # the caller stopped early, or an error: nothing of this call stays in the engine
+            engine.abort_request(list(held))
+
+
+def _refused(job: Mapping[str, Any], error: BaseException) -> str:
+    """One line for a request vLLM refuses, with the setting that addresses it."""
+    text = " ".join(str(error).split())
+    if "logprobs" in text and "max" in text:
+        hint = f"top_logprobs={job.get('top_logprobs')} is more than vLLM returns: raise vllm.extra's max_logprobs (e.g. vllm.extra={{max_logprobs: {job.get('top_logprobs')}}})"
+    elif "length" in text or "max_model_len" in text or "too long" in text:
+        hint = "the prompt (with the completion, when scoring) does not fit: raise vllm.max_model_len"
+    else:
+        hint = "check the sampling settings"
+    return f"vLLM refused request '{job['key']}': {text[:300]}; {hint}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +546,19 @@ def _cpu_defaults(llm_kwargs: dict[str, Any], extra: Mapping[str, Any]) -> None:
 
         available = psutil.virtual_memory().available
         llm_kwargs["kv_cache_memory_bytes"] = int(min(available / 4, CPU_KV_CACHE_MAX_GIB * GiB))
+
+
+def _raw_logprobs(vllm: Any, llm_kwargs: dict[str, Any]) -> None:
+    """Log-probs from the model's raw distribution (what Sampling.top_logprobs and score promise),
+    whatever a later vLLM makes the default. An older vLLM without the setting is used as it is
+    (its sample log-probs may come after temperature: use vLLM 0.32 for top_logprobs)."""
+    import dataclasses
+
+    mode = llm_kwargs.get("logprobs_mode")
+    if mode is not None and mode != "raw_logprobs":
+        raise ConfigError(f"vllm.extra: logprobs_mode={mode}: distill reads log-probs of the raw distribution (temperature 1); remove logprobs_mode")
+    if "logprobs_mode" in {f.name for f in dataclasses.fields(vllm.EngineArgs)}:
+        llm_kwargs["logprobs_mode"] = "raw_logprobs"
 
 
 def _check_engine_args(vllm: Any, llm_kwargs: Mapping[str, Any], on_cpu: bool) -> None:
