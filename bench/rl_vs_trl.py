@@ -87,7 +87,7 @@ PAIRS = [("distill-grpo", "trl-grpo"), ("distill-onpolicy", "trl-gkd"), ("distil
 SIZES = {
     # steps, prompts per step, completions per prompt, max new tokens (None: toy.MAX_NEW_TOKENS),
     # held-out problems per level (5 levels), samples per held-out problem
-    "full": dict(steps=20, prompts=4, group=8, max_tokens=None, per_level=8, k=4),
+    "full": dict(steps=10, prompts=4, group=8, max_tokens=None, per_level=6, k=2),
     "quick": dict(steps=6, prompts=4, group=8, max_tokens=None, per_level=4, k=2),
     "smoke": dict(steps=2, prompts=2, group=2, max_tokens=24, per_level=1, k=1),
 }
@@ -577,6 +577,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rl-vs-trl", help="work directory; results.json and section.md go here")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in a Markdown file (e.g. docs/benchmarks.md)")
+    parser.add_argument("--report", action="store_true", help="only render the section again from OUT/results.json (no run)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -588,10 +589,16 @@ def main() -> None:
         run_worker(args.worker, args.out, settings, args.threads)
         return
 
+    if args.report:
+        summary = json.loads((args.out / "results.json").read_text())
+        finish(summary, args)
+        return
+
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
+    started = time.perf_counter()
     data = prepare(args.out, settings)
     load_before = os.getloadavg()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(args.threads))
@@ -623,7 +630,12 @@ def main() -> None:
     load_after = os.getloadavg()
     summary = {"settings": settings, "data": data, "base": base, "runs": results, "load_average": [load_before[0], load_after[0]],
                "date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": command_line(args, settings)}  # fmt: skip
+    summary["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    finish(summary, args)
+
+
+def finish(summary: dict, args) -> None:
     section = report(summary)
     (args.out / "section.md").write_text(section)
     print(section)
@@ -710,7 +722,7 @@ def reading(runs: dict) -> list[str]:
         met = "met" if speed == "faster" and curve != "worse" else "not met"
         lines.append(
             f"- {LABELS[ours]} vs {LABELS[theirs]}: per step {speed} ({wall:.2f}x the wall time, {cpu:.2f}x the CPU time); "
-            f"held-out {key.replace('_', ' ')} {x[key]:.3f} vs {y[key]:.3f}: {curve}. Target {met}."
+            f"held-out {'reward' if key == 'reward' else 'reverse KL'} {x[key]:.3f} vs {y[key]:.3f}: {curve}. Target {met}."
         )
     return lines
 
@@ -762,14 +774,39 @@ def report(summary: dict) -> str:
         lines += ["", "Ratios distill / TRL (below 1: distill is faster or smaller):", "",
                   "| pair | s/step | rollout | update | CPU-s/step | peak RSS |", "|---|---|---|---|---|---|", *ratios]  # fmt: skip
         lines += ["", "Against the target (faster per step, the same or a better curve):", "", *reading(runs)]
+    minutes = f" The whole benchmark took {summary['wall_s'] / 60:.1f} minutes." if summary.get("wall_s") else ""
     lines += [
         "",
-        "Per-step figures are medians over steps 2..N (the first carries the warm-up), measured between consecutive step ends;",
-        "CPU-s is the CPU time of the process (all threads) and its children over the same interval. Rollout: distill's own rollout_s (generate, grade,",
-        "advantages); TRL GRPO: time inside `_generate_and_score_completions` (the same work); GKD: inside `generate_on_policy_outputs`;",
-        "DistillationTrainer: inside `_generate_and_score_completions`. Update = step - rollout. Peak RSS: the worker process and its",
-        "children (the verifier's processes), sampled every 50 ms. Held-out figures: one function (`held_out`) for every model;",
-        "+- is one standard error over the samples (the k samples of a problem are correlated, so read it as a lower bound).",
+        "How it was measured. Per-step figures are medians over steps 2..N (the first carries the warm-up), between consecutive",
+        "step ends; CPU-s is the CPU time of the process (all threads) and of its children over the same interval, the fair",
+        "measure on shared cores (wall time also measures the neighbours). Rollout: distill's own rollout_s (generate, grade,",
+        "advantages); TRL GRPO: the time inside `_generate_and_score_completions` (the same work); GKD: inside",
+        "`generate_on_policy_outputs`; DistillationTrainer: inside `_generate_and_score_completions`. Update = step - rollout, so",
+        "the teacher's forward is in the update on every side (distill onpolicy's teacher scoring and its student log-prob pass",
+        "run between its rollout and its update). Peak RSS: the worker process and its children (the verifier's processes),",
+        "sampled every 50 ms. Held-out figures: one function (`held_out`) for every model, on fresh samples of each model;",
+        "+- is one standard error over the samples (the k samples of a problem are correlated: read it as a lower bound)." + minutes,
+        "",
+        "What differs between the sides, and why:",
+        "- RL: TRL's `loss_type=\"grpo\"` is distill's grpo aggregation (each sequence's token mean, then the mean over",
+        "  sequences), `scale_rewards=\"group\"` its advantage (std with Bessel's correction, + 1e-4); the reward is distill's own",
+        "  function in both. TRL generates with `model.generate` over the whole padded batch until its longest sample ends;",
+        "  distill's hf engine drops each row as it ends.",
+        "- Distillation: TRL's GKD and DistillationTrainer with beta = 1 minimise the reverse KL computed over the whole",
+        "  vocabulary at every position of the student's samples (TRL 1.16's `generalized_jsd_loss`: beta = 1 is",
+        "  `F.kl_div(teacher_log_probs, student_log_probs, log_target=True)` = KL(student || teacher)); `distill onpolicy` uses",
+        "  the sampled-token estimate log p_student(x_t) - log p_teacher(x_t) as a per-token advantage in grpo's surrogate",
+        "  (tinker-cookbook's on-policy distillation). Two estimators of one objective: the held-out column measures the exact",
+        "  per-token reverse KL for all of them.",
+        "- TRL 1.16 GKDTrainer, two settings this bench makes so that it trains what it documents: its collator",
+        "  (DataCollatorForChatML) finds the prompt as a prefix of the rendered conversation, so the data's assistant turn must",
+        "  open with the template's `<think>` prefill (an empty turn prompts the student with a closed assistant turn): each",
+        "  row carries the problem's correct worked solution, never trained on at lambda = 1; and transformers counts",
+        "  `num_items_in_batch` on those data-set labels before GKD replaces them by the student's sample, which GKD then",
+        "  divides its loss by (DistillationTrainer recounts on the generated tokens): the bench passes None, GKD's own",
+        "  per-token mean. TRL 1.16 runs with transformers 5.19 on CPU for all three trainers (warnings only).",
+        "- Torch threads: 1 by default. On 2 cores shared with other jobs, 2 threads per process wait on each other: a trial",
+        "  with 2 threads under load average ~14 took 88 s for a `distill grpo` rollout that took 3 s with 1 thread.",
         "",
     ]
     return "\n".join(lines)
