@@ -36,8 +36,8 @@ On-policy distillation, teacher = the toy teacher, every sample the student's ow
 - distill-onpolicy: `distill onpolicy` when this checkout has it (distill.students.onpolicy);
   otherwise the row says so.
 Both TRL distillation trainers take one completion per dataset row; their data is the same P x
-steps problems, each repeated G times, P x G rows per step: as many student samples per step as
-the distill side's P prompts x G completions.
+steps problems, each repeated G times in a row, read in order (distill's), P x G rows per step:
+each step samples the same P problems G times each, as the distill side's step does.
 
 Figures, the same code for every run:
 - seconds per step: wall time between consecutive step ends (steps 2..N: the first step carries
@@ -331,7 +331,8 @@ def worker_trl_grpo(workdir: Path, s: dict, clock: StepClock) -> dict:
 
 
 def distillation_rows(workdir: Path, s: dict, conversations: bool) -> list[dict]:
-    """The P x steps problems, each G times: as many student samples per step as P x G.
+    """The P x steps problems, each G times in a row, in distill's order: read in order (no
+    shuffling), each step's P x G rows are the P problems distill's step rolls out G times each.
 
     GKD's collator (DataCollatorForChatML) wants whole conversations and finds the prompt as the
     prefix of the rendered conversation that has the generation prompt's length. With lmbda = 1
@@ -344,8 +345,9 @@ def distillation_rows(workdir: Path, s: dict, conversations: bool) -> list[dict]
     from distill import toy
 
     by_text = {p.problem: p for p in toy.train_split(s["steps"] * s["prompts"], seed=TRAIN_SEED, name="bench")}
+    problems = read_problems(workdir / "train.jsonl")
     rows = []
-    for p in read_problems(workdir / "train.jsonl"):
+    for p in [problems[i] for i in distill_order(len(problems), seed=0)]:  # distill's order: each step the same P problems
         prompt = toy.prompt_messages(p["problem"])
         if conversations:
             solution, _ = toy.write_trace(by_text[p["problem"]], random.Random(0))
@@ -365,7 +367,7 @@ def worker_trl_gkd(workdir: Path, s: dict, clock: StepClock) -> dict:
 
     args = GKDConfig(
         **trl_common(workdir, "trl-gkd", s), per_device_train_batch_size=s["prompts"] * s["group"], lmbda=1.0, beta=1.0,
-        temperature=1.0, max_new_tokens=s["max_tokens"], max_length=512, seq_kd=False,
+        temperature=1.0, max_new_tokens=s["max_tokens"], max_length=512, seq_kd=False, train_sampling_strategy="sequential",
     )  # fmt: skip
 
     class Timed(GKDTrainer):
@@ -575,6 +577,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of every run (the toy demo's GRPO lr)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker (1: on cores shared with other jobs, more threads wait on each other)")
     parser.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these (default: all)")
+    parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, alternating the order; step times pool over them")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rl-vs-trl", help="work directory; results.json and section.md go here")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in a Markdown file (e.g. docs/benchmarks.md)")
     parser.add_argument("--report", action="store_true", help="only render the section again from OUT/results.json (no run)")
@@ -603,20 +606,36 @@ def main() -> None:
     load_before = os.getloadavg()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(args.threads))
     results: dict[str, dict] = {}
-    for name in args.only or CONFIGS:
-        if name == "distill-onpolicy" and not onpolicy_available():
-            results[name] = {"error": "not in this checkout (distill.students.onpolicy is missing)"}
-            continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--worker", name, "--out", str(args.out), "--threads", str(args.threads), *passthrough(args)]
-        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-            results[name] = {"error": f"exit {done.returncode}: {last[0][:300]}"}
-            (args.out / f"{name}.stderr.txt").write_text(done.stderr)
-            print(f"  {name} failed: {results[name]['error']}", file=sys.stderr)
-            continue
-        results[name] = json.loads((args.out / f"{name}.json").read_text())
+    names = [n for n in CONFIGS if n in (args.only or CONFIGS)]
+    if "distill-onpolicy" in names and not onpolicy_available():
+        results["distill-onpolicy"] = {"error": "not in this checkout (distill.students.onpolicy is missing)"}
+        names.remove("distill-onpolicy")
+    # Repeats re-measure the time, in the reverse order every other time (a neighbour's burst
+    # then lands on other runs); with fixed seeds they train the same models, so the held-out
+    # figures are taken once, on the first repeat's models.
+    for repeat in range(args.repeats):
+        workdir = args.out if repeat == 0 else args.out / f"repeat-{repeat}"
+        if repeat:
+            workdir.mkdir()
+            for data_file in ("train.jsonl", "held_out.jsonl"):
+                (workdir / data_file).write_bytes((args.out / data_file).read_bytes())
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            if "error" in results.get(name, {}):
+                continue
+            print(f"running {name}{f' (repeat {repeat + 1})' if repeat else ''} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, "--worker", name, "--out", str(workdir), "--threads", str(args.threads), *passthrough(args)]
+            done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+                results[name] = {"error": f"exit {done.returncode}: {last[0][:300]}"}
+                (workdir / f"{name}.stderr.txt").write_text(done.stderr)
+                print(f"  {name} failed: {results[name]['error']}", file=sys.stderr)
+                continue
+            result = json.loads((workdir / f"{name}.json").read_text())
+            if repeat == 0:
+                results[name] = result
+            else:
+                results[name].setdefault("repeats", []).append(result)
     print("held-out figures ...", file=sys.stderr, flush=True)
     import torch
 
@@ -629,7 +648,7 @@ def main() -> None:
             result["held_out"] = held_out(result["model_dir"], args.out, settings)
     load_after = os.getloadavg()
     summary = {"settings": settings, "data": data, "base": base, "runs": results, "load_average": [load_before[0], load_after[0]],
-               "date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": command_line(args, settings)}  # fmt: skip
+               "date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": command_line(args, settings), "repeats": args.repeats}  # fmt: skip
     summary["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     finish(summary, args)
@@ -659,6 +678,7 @@ def passthrough(args) -> list[str]:
 
 def command_line(args, settings: dict) -> str:
     parts = ["python bench/rl_vs_trl.py", *passthrough(args), "--threads", str(args.threads)]
+    parts += ["--repeats", str(args.repeats)] if args.repeats > 1 else []
     if args.only:
         parts += ["--only", *args.only]
     return " ".join(parts)
@@ -681,8 +701,8 @@ def versions() -> dict:
 
 
 def step_figures(result: dict) -> dict:
-    """Medians over steps 2..N of a run's step records."""
-    steps = [r for r in result["steps"] if "wall_s" in r]
+    """Medians over steps 2..N of a run's step records, pooled over its repeats."""
+    steps = [r for run in [result, *result.get("repeats", [])] for r in run["steps"] if "wall_s" in r]
 
     def median(key):
         values = [r[key] for r in steps if r.get(key) is not None]
@@ -691,6 +711,10 @@ def step_figures(result: dict) -> dict:
     train = [r["train"] for r in result["steps"] if r.get("train") is not None]
     return {"wall": median("wall_s"), "cpu": median("cpu_s"), "rollout": median("rollout_s"), "update": median("update_s"),
             "train_first": train[0] if train else None, "train_last": statistics.mean(train[-3:]) if train else None}  # fmt: skip
+
+
+def peak_rss(result: dict) -> float:
+    return max(run["peak_rss_gb"] for run in [result, *result.get("repeats", [])])
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -730,6 +754,8 @@ def reading(runs: dict) -> list[str]:
 def report(summary: dict) -> str:
     s, runs, base = summary["settings"], summary["runs"], summary["base"]
     v = summary["versions"]
+    count = int(summary.get("repeats", 1))
+    repeats = f"; {count} times, alternating the order (per-step figures pool all {count}; held-out figures: the first)" if count > 1 else ""
     lines = [
         SECTION,
         "",
@@ -740,7 +766,7 @@ def report(summary: dict) -> str:
         f"Size: {s['steps']} steps x {s['prompts']} prompts x {s['group']} completions, max {s['max_tokens']} new tokens, lr {s['lr']:g} "
         f"(constant), temperature 1; {summary['data']['train_problems']} toy training problems (one epoch); held-out: "
         f"{summary['data']['held_out_problems']} problems of the toy test split x {s['k']} samples. Base student and teacher: "
-        "distill/toy/assets. Each run in its own process, one after the other.",
+        f"distill/toy/assets. Each run in its own process, one after the other{repeats}.",
         "",
         "| run | s/step | rollout s/step | update s/step | CPU-s/step | peak RSS (GiB) | train figure: step 1 -> last 3 | held-out reward | held-out accuracy | reverse KL to teacher (nats/token) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -755,7 +781,7 @@ def report(summary: dict) -> str:
             continue
         f, h = step_figures(r), r["held_out"]
         lines.append(
-            f"| {LABELS[name]} | {_fmt(f['wall'])} | {_fmt(f['rollout'])} | {_fmt(f['update'])} | {_fmt(f['cpu'])} | {r['peak_rss_gb']:.2f} | "
+            f"| {LABELS[name]} | {_fmt(f['wall'])} | {_fmt(f['rollout'])} | {_fmt(f['update'])} | {_fmt(f['cpu'])} | {peak_rss(r):.2f} | "
             f"{r['train_figure']}: {_fmt(f['train_first'], 3)} -> {_fmt(f['train_last'], 3)} | {_pm(h, 'reward')} | {h['accuracy']:.3f} | {_pm(h, 'reverse_kl')} |"
         )
     ratios = []
@@ -768,7 +794,7 @@ def report(summary: dict) -> str:
 
             ratios.append(
                 f"| {LABELS[ours]} / {LABELS[theirs]} | {ratio(a['wall'], b['wall'])} | {ratio(a['rollout'], b['rollout'])} | "
-                f"{ratio(a['update'], b['update'])} | {ratio(a['cpu'], b['cpu'])} | {ratio(runs[ours]['peak_rss_gb'], runs[theirs]['peak_rss_gb'])} |"
+                f"{ratio(a['update'], b['update'])} | {ratio(a['cpu'], b['cpu'])} | {ratio(peak_rss(runs[ours]), peak_rss(runs[theirs]))} |"
             )
     if ratios:
         lines += ["", "Ratios distill / TRL (below 1: distill is faster or smaller):", "",
