@@ -1,9 +1,10 @@
 """Benchmark: `distill grpo` against TRL's GRPOTrainer, and on-policy distillation against TRL's GKD trainer, on the toy world.
 
-    python bench/rl_vs_trl.py                              # ~10 minutes on 2 cores; prints the Markdown section
-    python bench/rl_vs_trl.py --write docs/benchmarks.md   # and replaces its section there
+    python bench/rl_vs_trl.py                              # ~10 minutes on 2 busy cores; prints the Markdown section
+    python bench/rl_vs_trl.py --repeats 2 --write docs/benchmarks.md   # the recorded figures (~20 minutes)
     python bench/rl_vs_trl.py --quick                      # fewer steps and held-out samples
-    python bench/rl_vs_trl.py --smoke --out /tmp/rl-smoke  # seconds: checks the plumbing, not the speed
+    python bench/rl_vs_trl.py --smoke --out /tmp/rl-smoke  # a minute: checks the plumbing, not the speed
+    python bench/rl_vs_trl.py --report --out DIR [--write docs/benchmarks.md]   # the section again from DIR/results.json
 
 The toy world (distill.toy): the committed base student (distill/toy/assets/base, ~0.8M
 parameters) and teacher (assets/teacher, ~2.3M, the same character tokenizer), problems from
@@ -33,8 +34,14 @@ On-policy distillation, teacher = the toy teacher, every sample the student's ow
   divergence at 1.0: only 1 keeps the two consistent).
 - trl-distillation: trl.DistillationTrainer (TRL's own replacement for GKD at lambda=1,
   temperature=1; GKD warns to use it), beta=1 (reverse KL), chunked loss.
-- distill-onpolicy: `distill onpolicy` when this checkout has it (distill.students.onpolicy);
-  otherwise the row says so.
+- distill-onpolicy: `distill onpolicy` (distill.students.onpolicy, grpo's loop with the teacher
+  scoring every sampled token through the hf engine), reward_weight 0, aggregation token (the
+  batch's token mean, as GKD's per-token mean); without the module in the checkout, the row says so.
+- Two settings make TRL 1.16's GKDTrainer train what it documents (the section explains them):
+  the data's assistant turn opens with the template's `<think>` prefill (each row carries the
+  problem's correct worked solution, unused at lambda = 1), and compute_loss gets
+  num_items_in_batch=None (transformers counts it on the data set's labels, which GKD's
+  on-policy sample replaces).
 Both TRL distillation trainers take one completion per dataset row; their data is the same P x
 steps problems, each repeated G times in a row, read in order (distill's), P x G rows per step:
 each step samples the same P problems G times each, as the distill side's step does.
@@ -56,6 +63,10 @@ Figures, the same code for every run:
   training, and (b) the per-token reverse KL to the teacher on those samples:
   sum_v p_s(v) (log p_s(v) - log p_t(v)) at every generated position, averaged over tokens
   (`held_out`). Also each run's own training-time figure per step (reward; GKD's loss).
+- --repeats N runs everything N times, alternating the order, and pools the step times; with
+  fixed seeds the repeats train the same models, so the held-out figures are the first's.
+Torch threads: 1 per process by default (on 2 cores shared with other jobs, 2 threads per
+process wait on each other; see the section).
 """
 
 from __future__ import annotations
