@@ -1,7 +1,7 @@
 """Benchmark: `distill grpo` against TRL's GRPOTrainer, and on-policy distillation against TRL's GKD trainer, on the toy world.
 
-    python bench/rl_vs_trl.py                              # ~10 minutes on 2 busy cores; prints the Markdown section
-    python bench/rl_vs_trl.py --repeats 2 --write docs/benchmarks.md   # the recorded figures (~20 minutes)
+    python bench/rl_vs_trl.py                              # 3-10 minutes on 2 shared cores, by their load; prints the section
+    python bench/rl_vs_trl.py --repeats 2 --write docs/benchmarks.md   # the recorded figures (6-15 minutes)
     python bench/rl_vs_trl.py --quick                      # fewer steps and held-out samples
     python bench/rl_vs_trl.py --smoke --out /tmp/rl-smoke  # a minute: checks the plumbing, not the speed
     python bench/rl_vs_trl.py --report --out DIR [--write docs/benchmarks.md]   # the section again from DIR/results.json
@@ -597,6 +597,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, least in (("steps", 2), ("prompts", 1), ("group", 2), ("max_tokens", 1), ("k", 1), ("threads", 1), ("repeats", 1)):
+        value = getattr(args, key)
+        if value is not None and value < least:  # steps: the per-step figures are taken from step 2 on; group: GRPO compares within a group
+            parser.error(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
     settings = resolve_settings(args)
 
     if args.worker:
@@ -604,6 +608,8 @@ def main() -> None:
         return
 
     if args.report:
+        if not (args.out / "results.json").is_file():
+            parser.error(f"--report: {args.out / 'results.json'} does not exist; run the benchmark with --out {args.out} first")
         summary = json.loads((args.out / "results.json").read_text())
         finish(summary, args)
         return
@@ -772,7 +778,7 @@ def report(summary: dict) -> str:
         "",
         f"Command: `{summary['command']}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average "
-        f"{summary['load_average'][0]:.1f} before, {summary['load_average'][1]:.1f} after), {s['threads']} torch threads in every run, no GPU; "
+        f"{summary['load_average'][0]:.1f} before, {summary['load_average'][1]:.1f} after), {s['threads']} torch thread{'s' if s['threads'] != 1 else ''} in every run, no GPU; "
         f"{summary['date']}; torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}.  ",
         f"Size: {s['steps']} steps x {s['prompts']} prompts x {s['group']} completions, max {s['max_tokens']} new tokens, lr {s['lr']:g} "
         f"(constant), temperature 1; {summary['data']['train_problems']} toy training problems (one epoch); held-out: "
