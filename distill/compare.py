@@ -44,6 +44,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -224,8 +225,8 @@ def _stage_of(run_path: Path) -> str | None:
 
 def lineage(eval_path: Path) -> dict[str, list[Path]]:
     """The run directories an evaluated model came from, by stage, found by following every
-    path-valued string in each run's config.yaml (the model, the data, the traces), except those
-    naming a teacher (`teacher`, `teacher_*`, generate's `model`) or filter's tokenizer."""
+    path-valued string (one with a separator or a file suffix) in each run's config.yaml (the
+    model, the data, the traces), except those naming a teacher (`teacher`, `teacher_*`, generate's `model`) or filter's tokenizer."""
     found: dict[str, list[Path]] = {}
     seen = {eval_path.resolve()}
     frontier = [eval_path]
@@ -234,6 +235,10 @@ def lineage(eval_path: Path) -> dict[str, list[Path]]:
         config, skipped = _read_yaml(current / CONFIG_FILE), NOT_UPSTREAM.get(_stage_of(current) or "", ())
         upstream = {k: v for k, v in config.items() if k not in skipped and k != "teacher" and not str(k).startswith("teacher_")}
         for value in _strings(upstream):
+            if "/" not in value and os.sep not in value and not Path(value).suffix:
+                # a bare word is a setting, not a path, even where a directory has its name
+                # (onpolicy's `variant: grpo` beside the demo's grpo/ run)
+                continue
             for candidate in (Path(value), current.parent / value):
                 try:
                     exists = candidate.exists()

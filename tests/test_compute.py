@@ -162,7 +162,9 @@ def test_compare_adds_up_each_model_s_lineage(tmp_path):
     write_steps(onpolicy, [{"step": s, "prompt_tokens": 500, "generated_tokens": 1_500, "trained_tokens": 1_500,
                             "forward_backward_tokens": 2_000, "no_grad_tokens": 0, "teacher_scored_tokens": 2_000} for s in (1, 2)])
     ledger = compute.rl_block(FakeRun(onpolicy), SimpleNamespace(teacher=str(teacher_run / "model")), student)
-    stage_run(onpolicy, "onpolicy", {"student": "Qwen/base", "teacher": str(teacher_run / "model"), "data": "problems.jsonl"}, {"compute": ledger})
+    # `variant: grpo` names the sibling grpo run's directory too, as in `distill demo`: a setting, not a path
+    stage_run(onpolicy, "onpolicy", {"student": "Qwen/base", "teacher": str(teacher_run / "model"), "data": "problems.jsonl", "variant": "grpo"},
+              {"compute": ledger})  # fmt: skip
     for made in (sft, grpo, onpolicy):
         (made / "model").mkdir(exist_ok=True)
     evals = [make_eval_run(tmp_path / "eval-base", "Qwen/base", 0.2, seed=1), make_eval_run(tmp_path / "eval-sft", str(sft / "model"), 0.8, seed=2),

@@ -102,6 +102,17 @@ def _touch_zero(hidden, head: nn.Module):
     return (hidden.sum() + head.weight.sum()).float() * 0
 
 
+def _nll_and_grad(logits, targets):
+    """Summed -log softmax(logits)[target] over rows, and its gradient with respect to the logits
+    (softmax - onehot), computed in place over `logits` (n, V) fp32: the one copy of the
+    cross-entropy arithmetic that LinearCrossEntropy and LinearCrossEntropyKD share."""
+    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    nll = (normaliser[:, 0] - logits.gather(-1, targets[:, None])[:, 0]).sum()
+    grad = logits.sub_(normaliser).exp_()  # softmax, in place: d(-log p)/d logits = p - onehot
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+    return nll, grad
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of -log softmax(hidden @ weight.T + bias)[target], whose gradients are
     computed chunk by chunk during the forward: one chunk's logits exist at a time and are never
@@ -122,10 +133,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             rows = hidden[start : start + chunk_tokens]
             wanted = targets[start : start + chunk_tokens]
             logits = F.linear(rows, weight_c, bias_c).float()  # (n, V)
-            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            total += (normaliser[:, 0] - logits.gather(-1, wanted[:, None])[:, 0]).sum()
-            grad = logits.sub_(normaliser).exp_()  # softmax, in place: d(-log p)/d logits = p - onehot
-            grad[torch.arange(len(wanted), device=grad.device), wanted] -= 1
+            nll, grad = _nll_and_grad(logits, wanted)
+            total += nll
             grad = grad.to(hidden.dtype)
             grad_hidden[start : start + chunk_tokens] = grad @ weight_c
             grad_weight += (grad.t() @ rows).float()
@@ -267,8 +276,6 @@ class LinearCrossEntropyKD(torch.autograd.Function):
             wanted = targets[start : start + chunk_tokens]
             slot = slots[start : start + chunk_tokens]
             logits = F.linear(rows, weight_c, bias_c).float()  # (n, V)
-            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            ce_total += (normaliser[:, 0] - logits.gather(-1, wanted[:, None])[:, 0]).sum()
             has = (slot >= 0).nonzero(as_tuple=True)[0]
             kd_grad = None
             if len(has):
@@ -278,8 +285,8 @@ class LinearCrossEntropyKD(torch.autograd.Function):
                 student = scaled.log_softmax(dim=-1)  # (m, V)
                 kd_total += (p * (log_p - student.gather(-1, ids))).sum() * temperature**2
                 kd_grad = student.exp_().scatter_add_(-1, ids, -p).mul_(weight_kd * temperature)  # T * (q - p_t), weighted
-            grad = logits.sub_(normaliser).exp_()  # softmax, in place: d(-log p)/d logits = p - onehot
-            grad[torch.arange(len(wanted), device=grad.device), wanted] -= 1
+            nll, grad = _nll_and_grad(logits, wanted)  # after the KD term has read the logits: this overwrites them
+            ce_total += nll
             grad.mul_(weight_ce)
             if kd_grad is not None:
                 grad.index_add_(0, has, kd_grad)
