@@ -1,7 +1,7 @@
 """`distill demo`: the whole pipeline on the embedded toy world, on CPU, with the real stages.
 
-    distill demo                      # about 8 minutes on 2 CPU cores
-    distill demo --quick              # the same seven steps at small size, about 2 minutes
+    distill demo                      # about 7 minutes on 2 CPU cores
+    distill demo --quick              # the same seven steps at small size, about 100 seconds
     distill demo --out runs/demo key=value ...   # any DemoConfig field, e.g. samples=8
     distill demo --engine vllm --out runs/demo-vllm   # vLLM for teacher sampling, RL rollouts and evals
 
