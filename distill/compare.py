@@ -596,6 +596,13 @@ def _write_csv(path: Path, table, benchmarks) -> None:
             writer.writerow(values)
 
 
+def _ci_bars(cell: Mapping[str, Any]) -> tuple[float, float]:
+    """How far a cell's 95% CI reaches below and above its pass@1, in points (0 where a bound is unknown)."""
+    value = cell["pass@1"]
+    low, high = cell.get("pass@1_ci95") or (value, value)
+    return 100 * max(0.0, value - (low if low is not None else value)), 100 * max(0.0, (high if high is not None else value) - value)
+
+
 def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> list[str]:
     """accuracy.png, lengths.png, compute.png; returns their file names.
 
@@ -625,6 +632,12 @@ def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> lis
         figure.savefig(out / name, dpi=120, bbox_inches="tight")  # "tight": nothing drawn is cut off
         plt.close(figure)
 
+    def mark(axis, x: float, label: str, cell) -> Any:
+        # one model's pass@1 on one benchmark at x, its 95% CI as error bars (the scatter plots)
+        color, marker = style[label]
+        below, above = _ci_bars(cell)
+        return axis.errorbar([x], [100 * cell["pass@1"]], yerr=[[below], [above]], fmt=marker, color=color, markersize=7, capsize=3, elinewidth=1)
+
     # accuracy with 95% CI error bars: one group per benchmark, one bar per model
     figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(benchmarks) * max(2, len(labels)) + 1.5), 4.2 + legend_height), layout="constrained")
     width = 0.8 / max(1, len(labels))
@@ -635,11 +648,11 @@ def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> lis
             cell = entry["benchmarks"].get(name)
             if cell is None or cell.get("pass@1") is None:
                 continue
-            low, high = cell.get("pass@1_ci95") or (cell["pass@1"], cell["pass@1"])
+            below, above = _ci_bars(cell)
             xs.append(j + (i - (len(labels) - 1) / 2) * width)
             ys.append(100 * cell["pass@1"])
-            errors[0].append(100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"])))
-            errors[1].append(100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"]))
+            errors[0].append(below)
+            errors[1].append(above)
         bars.append(axis.bar(xs, ys, width, yerr=errors, capsize=3, color=style[entry["label"]][0], error_kw={"elinewidth": 1}))
     axis.set_xticks(range(len(benchmarks)), benchmarks)
     axis.set_ylim(0, 105)
@@ -685,12 +698,7 @@ def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> lis
             cell = entry["benchmarks"].get(name)
             if cell is None or cell.get("pass@1") is None:
                 continue
-            low, high = cell.get("pass@1_ci95") or (cell["pass@1"], cell["pass@1"])
-            error = [[100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"]))],
-                     [100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"])]]
-            color, marker = style[entry["label"]]
-            handles[entry["label"]] = axis.errorbar([x], [100 * cell["pass@1"]], yerr=error, fmt=marker, color=color, markersize=7,
-                                                    capsize=3, elinewidth=1)
+            handles[entry["label"]] = mark(axis, x, entry["label"], cell)
         positive = [x for x in xs if x > 0]
         if positive and max(positive) / min(positive) > 100:
             axis.set_xscale("symlog", linthresh=min(positive))
@@ -721,12 +729,7 @@ def write_plots(out: Path, table, rows: list[Row], benchmarks: list[str]) -> lis
             cell = entry["benchmarks"].get(name)
             if value is None or cell is None or cell.get("pass@1") is None:
                 continue  # unknown FLOPs: named in the legend, not placed
-            low, high = cell.get("pass@1_ci95") or (cell["pass@1"], cell["pass@1"])
-            error = [[100 * max(0.0, cell["pass@1"] - (low if low is not None else cell["pass@1"]))],
-                     [100 * max(0.0, (high if high is not None else cell["pass@1"]) - cell["pass@1"])]]
-            color, marker = style[entry["label"]]
-            handles[entry["label"]] = axis.errorbar([value or left], [100 * cell["pass@1"]], yerr=error, fmt=marker, color=color,
-                                                    markersize=7, capsize=3, elinewidth=1)
+            handles[entry["label"]] = mark(axis, value or left, entry["label"], cell)
         if positive:
             axis.set_xscale("log")
             top = math.ceil(math.log10(max(positive)) + 0.3)
