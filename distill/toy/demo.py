@@ -181,15 +181,20 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     trained = train(loaded.config, loaded.sources)
     done("train")
 
+    # What the two stages that learn from the student's own samples share (the same base, problems,
+    # lengths, prompt, rollout engine and seed), so their arms differ only in the signal: the
+    # teacher's per-token log-probs, or the verifier's reward.
+    own_samples = (
+        f"student={toy.BASE_DIR}", f"data={train_problems}", f"max_tokens={toy.MAX_NEW_TOKENS}", "instruction=", "chat_template=model",
+        "micro_batch_size=64", f"seed={cfg.seed}", "save_every=1000", "verifier_workers=1", f"engine={cfg.engine}", rollouts,
+    )  # fmt: skip
+
     # ---- 4. onpolicy: the same base student, distilled on its own samples ---------------------
     onpolicy_steps = cfg.onpolicy_steps or steps_for(trained, cfg, cfg.onpolicy_prompts, cfg.onpolicy_group, cfg.onpolicy_budget)
     step("onpolicy", "onpolicy", "onpolicy")
     op_overrides = (
-        f"student={toy.BASE_DIR}", f"teacher={toy.TEACHER_DIR}", f"data={train_problems}", f"out={out / 'onpolicy'}",
-        f"steps={onpolicy_steps}", f"prompts_per_step={cfg.onpolicy_prompts}", f"group_size={cfg.onpolicy_group}",
-        f"max_tokens={toy.MAX_NEW_TOKENS}", f"lr={cfg.onpolicy_lr}", "instruction=", "chat_template=model",
-        "micro_batch_size=64", f"seed={cfg.seed}", "save_every=1000", "verifier_workers=1",
-        f"engine={cfg.engine}", rollouts,
+        *own_samples, f"teacher={toy.TEACHER_DIR}", f"out={out / 'onpolicy'}", f"steps={onpolicy_steps}",
+        f"prompts_per_step={cfg.onpolicy_prompts}", f"group_size={cfg.onpolicy_group}", f"lr={cfg.onpolicy_lr}",
     )  # fmt: skip
     loaded = load_onpolicy_config(overrides=op_overrides)
     distilled_on_policy = onpolicy(loaded.config, loaded.sources)
@@ -199,11 +204,8 @@ def run(cfg: DemoConfig, sources: Mapping[str, str] | None = None) -> dict[str, 
     steps = cfg.grpo_steps or steps_for(trained, cfg, cfg.grpo_prompts, cfg.grpo_group, cfg.grpo_budget)
     step("grpo", "grpo", "grpo")
     rl_overrides = (
-        f"student={toy.BASE_DIR}", f"data={train_problems}", f"out={out / 'grpo'}", f"variant={cfg.grpo_variant}",
-        f"steps={steps}", f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}",
-        f"max_tokens={toy.MAX_NEW_TOKENS}", f"lr={cfg.grpo_lr}", "instruction=", "chat_template=model",
-        "micro_batch_size=64", f"seed={cfg.seed}", "save_every=1000", "verifier_workers=1",
-        f"engine={cfg.engine}", rollouts,
+        *own_samples, f"out={out / 'grpo'}", f"variant={cfg.grpo_variant}", f"steps={steps}",
+        f"prompts_per_step={cfg.grpo_prompts}", f"group_size={cfg.grpo_group}", f"lr={cfg.grpo_lr}",
     )  # fmt: skip
     loaded = load_grpo_config(overrides=rl_overrides)
     reinforced = grpo(loaded.config, loaded.sources)
